@@ -1,0 +1,35 @@
+# pai-diffusion-jobs: `make demo` runs the jobs on a tiny model on this machine, `make test` checks everything.
+SHELL := bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO := out/demo
+
+.PHONY: install test demo lint
+
+# requirements/dev.txt pins every package (torch==2.13.0 takes the local CPU wheel on our machines).
+$(VENV)/.installed: requirements/runtime.txt requirements/dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check jobs tests
+	$(BIN)/ruff format --check jobs tests
+
+# A tiny PAI-shaped model with random weights, then generate and img2img on CPU: images and index.html.
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/python tests/tiny_model.py $(DEMO)/model
+	HF_HUB_OFFLINE=1 MODEL_NAME=$(DEMO)/model PROMPTS_FILE=tests/data/prompts.txt OUTPUT_DIR=$(DEMO)/generate \
+		NUM_IMAGES_PER_PROMPT=2 $(BIN)/pai-diffusion generate
+	HF_HUB_OFFLINE=1 MODEL_NAME=$(DEMO)/model INPUT_DIR=$(DEMO)/generate PROMPT="水彩画风格" OUTPUT_DIR=$(DEMO)/img2img \
+		$(BIN)/pai-diffusion img2img
+	@echo "open $(DEMO)/generate/index.html and $(DEMO)/img2img/index.html"

@@ -1,0 +1,74 @@
+"""The `pai-diffusion` command: the job is the first argument, and every job runs through `run_job`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from jobs.config import BAD_INPUT_EXIT_CODE, BadInput, JobConfig, describe, load
+
+JOBS = {
+    "generate": "text to image",
+    "img2img": "text-guided image editing",
+    "finetune": "full UNet fine-tuning",
+    "lora": "LoRA fine-tuning",
+}
+
+log = logging.getLogger("jobs")
+Config = TypeVar("Config", bound=JobConfig)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log collectors; fields passed as `extra={"fields": {...}}` are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": round(record.created, 3), "level": record.levelname.lower(), "message": record.getMessage()}
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup_logging() -> None:
+    """JSON lines on stderr when it is not a terminal (pods), plain lines on a terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    if sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    else:
+        handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for noisy in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[str] | None = None) -> int:
+    """Resolve the configuration, run the job, and map bad input to exit code 2 with one line."""
+    setup_logging()
+    started = time.perf_counter()
+    try:
+        config = load(config_cls, argv)
+        print(describe(config), file=sys.stderr, flush=True)
+        job(config)
+    except BadInput as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return BAD_INPUT_EXIT_CODE
+    log.info("done in %.1f s", time.perf_counter() - started)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in JOBS:
+        jobs = "\n".join(f"  {name:<9} {what}" for name, what in JOBS.items())
+        print(f"usage: pai-diffusion JOB [--flag value ...]\n\njobs:\n{jobs}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else BAD_INPUT_EXIT_CODE
+    return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Typed configuration of the four jobs: one class per job, read from flags, env vars and YAML.
+
+Every option is a field. Its flag is `--<field>`, its env var the field's name in upper case
+(`--max_train_steps` <-> `MAX_TRAIN_STEPS`), and precedence is flag > env > `CONFIG_FILE` (YAML)
+> default, as DESIGN.md says.
+
+Why pydantic-settings: it reads flags, env vars and YAML into one typed object with the
+precedence we need, validates ranges and choices with messages that name the field, and accepts
+the seed's bare boolean flags (`--center_crop`). jsonargparse was tried first and wants a value
+after every boolean flag, which breaks the seed's command lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
+
+BAD_INPUT_EXIT_CODE = 2
+DEFAULT_MODEL = "alibaba-pai/pai-diffusion-artist-large-zh"
+
+# Variables that launchers (torchrun, accelerate, PyTorchJob) set in every process and that share
+# a name with an option; they are never read as settings. `--rank` is the LoRA rank: its env var
+# is LORA_RANK, because RANK is the process rank.
+LAUNCHER_VARIABLES = {"rank"}
+
+
+class BadInput(Exception):
+    """Bad configuration or bad input: never worth a retry, so the job exits with code 2."""
+
+
+def alias(*names: str) -> AliasChoices:
+    """Extra flag and env-var names for a field (its own name stays first and wins)."""
+    return AliasChoices(*names)
+
+
+class JobConfig(BaseSettings):
+    """Options every job shares: which model, where it goes, on what device."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="forbid",
+        cli_implicit_flags=True,
+        cli_exit_on_error=False,
+        cli_avoid_json=True,
+        cli_hide_none_type=True,
+        cli_show_env_vars=False,
+        validate_default=True,
+    )
+
+    pretrained_model_name_or_path: str = Field(
+        DEFAULT_MODEL,
+        validation_alias=alias("pretrained_model_name_or_path", "model_name"),
+        description="Model folder or hub id (env MODEL_NAME works too).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    variant: str | None = Field(None, description="Weights variant, e.g. fp16.")
+    cache_dir: Path | None = Field(None, description="Where hub downloads are cached (default HF_HOME).")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps.")
+    hf_token: SecretStr | None = Field(None, description="Hub token for private models (env HF_TOKEN).")
+
+
+class InferenceConfig(JobConfig):
+    """Options shared by `generate` and `img2img`: the prompts, the sampler and the batch runner."""
+
+    output_dir: Path = Field(Path("outputs"), description="Where images, manifests and the gallery go.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp16 on CUDA, fp32 elsewhere."
+    )
+    prompt: str | None = Field(None, description="One prompt (or use --prompts_file).")
+    prompts_file: Path | None = Field(None, description=".txt (one prompt a line), .jsonl or .yaml records.")
+    negative_prompt: str | None = Field(None, description="Default negative prompt.")
+    num_images_per_prompt: int = Field(1, ge=1, le=1000)
+    height: int | None = Field(None, ge=8, le=4096, multiple_of=8, description="Default: the model's resolution.")
+    width: int | None = Field(None, ge=8, le=4096, multiple_of=8, description="Default: the model's resolution.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=1000, description="Default: 25 for dpm++ and unipc, 50 otherwise."
+    )
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0)
+    scheduler: Literal["dpm++", "pndm", "ddim", "euler", "euler_a", "unipc"] = "dpm++"
+    batch_size: int = Field(4, ge=1, le=256, description="Images per forward pass.")
+    seed: int = Field(0, ge=0, description="Base seed; each image's seed is derived from it and the image id.")
+    num_shards: int = Field(1, ge=1, description="How many pods share the work.")
+    shard_index: int = Field(
+        0,
+        ge=0,
+        validation_alias=alias("shard_index", "job_completion_index"),
+        description="This pod's shard (default: JOB_COMPLETION_INDEX of an Indexed Job).",
+    )
+    lora_path: Path | None = Field(None, description="LoRA folder or file (diffusers/PEFT or legacy PAI).")
+    lora_scale: float = Field(1.0, ge=-10.0, le=10.0)
+    safety_checker: bool = Field(True, description="Keep the model's safety checker when it has one.")
+    skip_invalid: bool = Field(False, description="Skip bad prompt records (listed in the manifest) instead of failing.")
+    compile: bool = Field(False, description="torch.compile the UNet (pays off on long CUDA runs).")
+
+    @model_validator(mode="after")
+    def _check_inference(self) -> InferenceConfig:
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards}")
+        if self.prompt is not None and self.prompts_file is not None:
+            raise ValueError("give either prompt or prompts_file, not both")
+        return self
+
+
+class GenerateConfig(InferenceConfig):
+    """Text to image."""
+
+    @model_validator(mode="after")
+    def _need_prompts(self) -> GenerateConfig:
+        if self.prompt is None and self.prompts_file is None:
+            raise ValueError("no prompt: set PROMPT or PROMPTS_FILE")
+        return self
+
+
+class Img2ImgConfig(InferenceConfig):
+    """Text-guided image editing."""
+
+    input_dir: Path | None = Field(None, description="Folder of images, each edited with --prompt.")
+    strength: float = Field(0.75, ge=0.0, le=1.0, description="How far the image may move from the input.")
+
+    @model_validator(mode="after")
+    def _need_inputs(self) -> Img2ImgConfig:
+        if self.input_dir is not None and self.prompt is None:
+            raise ValueError("input_dir needs a prompt: set PROMPT")
+        if self.input_dir is None and self.prompts_file is None:
+            raise ValueError("no input images: set INPUT_DIR (with PROMPT) or PROMPTS_FILE records naming `image`")
+        return self
+
+
+class TrainConfig(JobConfig):
+    """Options of EasyNLP's finetune.py / lora.py (diffusers' training examples), same defaults."""
+
+    output_dir: Path = Field(Path("sd-model-finetuned"), description="Checkpoints and the final model.")
+    dataset_name: str | None = Field(None, description="A `datasets` dataset instead of --train_data_dir.")
+    dataset_config_name: str | None = None
+    train_data_dir: Path | None = Field(
+        None,
+        validation_alias=alias("train_data_dir", "train_dir"),
+        description="Image folder with metadata.jsonl, or its parent holding train/ (env TRAIN_DIR works too).",
+    )
+    image_column: str = "image"
+    caption_column: str = "text"
+    max_train_samples: int | None = Field(None, ge=1)
+    seed: int | None = None
+    resolution: int = Field(512, ge=8, multiple_of=8)
+    center_crop: bool = False
+    random_flip: bool = False
+    train_batch_size: int = Field(16, ge=1)
+    num_train_epochs: int = Field(100, ge=1)
+    max_train_steps: int | None = Field(None, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False
+    learning_rate: float = Field(1e-4, gt=0)
+    scale_lr: bool = False
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "constant"
+    lr_warmup_steps: int = Field(500, ge=0)
+    use_8bit_adam: bool = False
+    allow_tf32: bool = False
+    dataloader_num_workers: int = Field(0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    push_to_hub: bool = False
+    hub_token: SecretStr | None = None
+    hub_model_id: str | None = None
+    logging_dir: Path = Path("logs")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    report_to: str = "tensorboard"
+    local_rank: int = -1
+    checkpointing_steps: int = Field(500, ge=1)
+    checkpoints_total_limit: int | None = Field(None, ge=1)
+    resume_from_checkpoint: str | None = Field(
+        "latest", description="latest (default), a checkpoint folder, or none to start afresh."
+    )
+    enable_xformers_memory_efficient_attention: bool = Field(
+        False, description="Accepted for compatibility; PyTorch SDPA attention is always used."
+    )
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting (5.0 is the paper's value).")
+    noise_offset: float = Field(0.0, ge=0)
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Default: the model scheduler's."
+    )
+    validation_prompt: str | None = None
+    validation_prompts: list[str] | None = None
+    num_validation_images: int = Field(4, ge=1)
+    validation_epochs: int = Field(1, ge=1)
+    validation_steps: int | None = Field(None, ge=1)
+    cache_latents: bool = Field(
+        False, description="Encode images and captions once and reuse them every epoch (and on resume)."
+    )
+
+    @model_validator(mode="after")
+    def _need_data(self) -> TrainConfig:
+        if self.dataset_name is None and self.train_data_dir is None:
+            raise ValueError("no training data: set TRAIN_DIR (--train_data_dir) or --dataset_name")
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    """Full UNet fine-tuning."""
+
+    use_ema: bool = False
+    non_ema_revision: str | None = None
+
+
+class LoraConfig(TrainConfig):
+    """LoRA fine-tuning."""
+
+    output_dir: Path = Field(Path("sd-model-finetuned-lora"), description="Checkpoints and the final LoRA.")
+    rank: int = Field(4, ge=1, validation_alias=alias("rank", "lora_rank"), description="LoRA rank (env LORA_RANK).")
+    lora_alpha: int | None = Field(None, ge=1, description="Default: the rank.")
+    train_text_encoder: bool = False
+    no_save_merged: bool = Field(False, description="Save only the LoRA weights, not a merged pipeline.")
+
+
+Config = TypeVar("Config", bound=JobConfig)
+
+
+def load(config_cls: type[Config], argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read a job's configuration from flags, env vars and `CONFIG_FILE`; raise BadInput if invalid."""
+    argv = sys.argv[1:] if argv is None else argv
+    env = dict(os.environ if env is None else env)
+    yaml_file = env.get("CONFIG_FILE")
+    if yaml_file and not Path(yaml_file).is_file():
+        raise BadInput(f"CONFIG_FILE {yaml_file}: no such file")
+
+    class Sources(config_cls):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, **_: Any) -> tuple[PydanticBaseSettingsSource, ...]:
+            env_source = EnvSettingsSource(settings_cls, case_sensitive=False)
+            env_source.env_vars = {k.lower(): v for k, v in env.items() if k.lower() not in LAUNCHER_VARIABLES}
+            cli = CliSettingsSource(settings_cls, cli_parse_args=argv, cli_prog_name=_prog_name(config_cls))
+            sources: list[PydanticBaseSettingsSource] = [cli, env_source]
+            if yaml_file:
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+            return tuple(sources)
+
+    Sources.__name__ = config_cls.__name__
+    try:
+        return Sources()
+    except ValidationError as error:
+        raise BadInput("; ".join(_describe(e) for e in error.errors())) from None
+    except SettingsError as error:
+        raise BadInput(str(error).strip().splitlines()[-1]) from None
+
+
+def _prog_name(config_cls: type[JobConfig]) -> str:
+    return "pai-diffusion " + config_cls.__name__.removesuffix("Config").lower()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if not field:
+        return message
+    return f"{field.upper()} (--{field}): {message} (got {error.get('input')!r})"
+
+
+def describe(config: JobConfig) -> str:
+    """The resolved configuration as one JSON line, secrets masked, for the job's first log line."""
+    values = {}
+    for name, value in config.model_dump().items():
+        if isinstance(value, SecretStr):
+            value = "***" if value.get_secret_value() else None
+        values[name] = str(value) if isinstance(value, Path) else value
+    return json.dumps({"config": values}, ensure_ascii=False)

@@ -1,0 +1,44 @@
+"""Shared fixtures: one tiny PAI-shaped model per test session, and ways to run the real entrypoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from tiny_model import build  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PAI-shaped pipeline folder with random weights; treat it as read-only."""
+    return build(tmp_path_factory.mktemp("model") / "pai-tiny")
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch):
+    """Run `pai-diffusion JOB ...` in this process (diffusers is imported once) with extra env vars."""
+    from jobs.cli import main
+
+    def run(*args: str, **env: object) -> int:
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, str(value))
+            return main([str(a) for a in args])
+
+    return run
+
+
+def run_process(args: list[str], env: dict[str, object] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command in a fresh process (for signals, kills and `accelerate launch`)."""
+    full_env = {**os.environ, **{k: str(v) for k, v in (env or {}).items()}}
+    return subprocess.run(args, env=full_env, cwd=REPO, capture_output=True, text=True, **kwargs)
