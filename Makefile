@@ -33,3 +33,51 @@ demo: install
 	HF_HUB_OFFLINE=1 MODEL_NAME=$(DEMO)/model INPUT_DIR=$(DEMO)/generate PROMPT="水彩画风格" OUTPUT_DIR=$(DEMO)/img2img \
 		$(BIN)/pai-diffusion img2img
 	@echo "open $(DEMO)/generate/index.html and $(DEMO)/img2img/index.html"
+
+# ---- Container image (Dockerfile, docs/container.md) ----
+# `make build`, `make push IMAGE=registry.example.com/ml/pai-diffusion-jobs`, `make run-local JOB=generate PROMPT=一只猫`.
+DOCKER ?= docker
+IMAGE ?= pai-diffusion-jobs
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' jobs/__init__.py)
+TAG ?= $(VERSION)
+BUILD_FLAGS ?=
+
+.PHONY: build push run-local test-image
+
+build:
+	$(DOCKER) build $(BUILD_FLAGS) --build-arg VERSION=$(VERSION) \
+		--build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE):$(TAG) .
+
+push: build
+	@case "$(IMAGE)" in */*) ;; *) echo "push: set IMAGE to a registry path, e.g. IMAGE=registry.example.com/ml/pai-diffusion-jobs" >&2; exit 2;; esac
+	$(DOCKER) push $(IMAGE):$(TAG)
+
+# run-local: the job in the image on this machine, with the production container settings (read-only root,
+# /tmp tmpfs, UID 1000: DATA, OUTPUTS and MODEL_CACHE must be writable by it). Paths in the job's variables are
+# paths in the container: DATA is /data (read-only), OUTPUTS is /outputs, MODEL_CACHE is /cache (HF_HOME's volume).
+# Every job setting given to make (PROMPT=..., MODEL_NAME=..., or exported) is passed by name, so values are
+# never re-quoted. GPUs: `--gpus all` with docker; podman uses CDI, e.g. GPUS="--device nvidia.com/gpu=all".
+JOB ?= generate
+DATA ?= $(CURDIR)/data
+OUTPUTS ?= $(CURDIR)/outputs
+MODEL_CACHE ?= $(HOME)/.cache/pai-diffusion-jobs
+GPUS ?= $(if $(filter docker,$(notdir $(DOCKER))),--gpus all)
+RUN_FLAGS ?=
+# The names of every setting, from the configuration classes (aliases included), plus CONFIG_FILE and HF_HUB_OFFLINE.
+JOB_SETTINGS = $(shell $(BIN)/python -c 'import jobs.config as c; \
+	classes = [v for v in vars(c).values() if isinstance(v, type) and issubclass(v, c.JobConfig)]; \
+	names = {n for k in classes for f, i in k.model_fields.items() for n in (f, *getattr(i.validation_alias, "choices", ()))}; \
+	print(*sorted({n.upper() for n in names - c.LAUNCHER_VARIABLES}))') CONFIG_FILE HF_HUB_OFFLINE
+GIVEN_SETTINGS = $(foreach v,$(filter-out OUTPUT_DIR,$(JOB_SETTINGS)),$(if $(filter command environment,$(firstword $(origin $(v)))),$(v)))
+
+run-local: export OUTPUT_DIR ?= /outputs/$(JOB)
+run-local: install
+	mkdir -p $(DATA) $(OUTPUTS) $(MODEL_CACHE)
+	$(DOCKER) run --rm $(GPUS) --read-only --tmpfs /tmp --shm-size 8g \
+		-v $(DATA):/data:ro -v $(OUTPUTS):/outputs -v $(MODEL_CACHE):/cache \
+		-e OUTPUT_DIR $(addprefix -e ,$(GIVEN_SETTINGS)) $(RUN_FLAGS) $(IMAGE):$(TAG) $(JOB)
+
+# test-image: builds this Dockerfile on a debootstrapped Debian with the CPU torch wheel and runs generate and
+# lora in it as production would (tests/image/check_image.py). Needs root and Debian's archive; caches in /var/tmp.
+test-image: install
+	$(BIN)/python tests/image/check_image.py
