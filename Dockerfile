@@ -22,7 +22,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python3 -m venv $VIRTUAL_ENV
 
 # torch alone first, from its own index: the biggest layer, and it changes less often than the rest.
-# TORCH_SPEC is a requirement or a wheel path (the CPU stand-in passes the local CPU wheel).
+# TORCH_SPEC is a pinned requirement or a wheel file (the CPU stand-in's), which hadolint cannot tell.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 ARG TORCH_SPEC=torch==2.13.0
 # hadolint ignore=DL3013
@@ -68,8 +68,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
     CUDA_CACHE_PATH=/tmp/nv-compute-cache
 VOLUME ["/cache", "/outputs"]
-# The jobs' default OUTPUT_DIR, `outputs`, resolves to the /outputs volume.
-WORKDIR /
+# Relative paths, the jobs' default output folders among them, land on the outputs volume, not the read-only root.
+WORKDIR /outputs
 USER 1000:1000
 
 ARG BASE_IMAGE

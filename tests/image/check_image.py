@@ -3,9 +3,10 @@
 No image registry is reachable here, so the build swaps two ARGs: BASE_IMAGE becomes a Debian bookworm made
 with debootstrap (its python3 is 3.11, like the local CPU torch wheel) and TORCH_SPEC that wheel. Every other
 line of the Dockerfile runs as in production, through `make build`. Then `generate` and a short `lora` run in
-the image as a Kubernetes pod would: UID 1000, read-only root filesystem, a tmpfs /tmp, no capabilities, no
-network, HF_HUB_OFFLINE=1, a tiny PAI-shaped model, a dataset and an outputs folder mounted as volumes.
-Their outputs are checked on the host.
+the image through `make run-local DOCKER=podman`, as a restricted Kubernetes pod would run them: UID 1000,
+read-only root filesystem, a tmpfs /tmp, no capabilities, no network, HF_HUB_OFFLINE=1, a tiny PAI-shaped model
+and a dataset mounted read-only, an outputs and a cache folder mounted read-write. Their outputs are checked
+on the host.
 
 Needs root (rootful podman, debootstrap) and Debian's archive; installs podman, runc and debootstrap with apt.
 Caches outside git: the base image and the build layers in podman's storage, the rest under CACHE
@@ -136,56 +137,52 @@ def build(log) -> None:
 
 
 def fixtures(run: Path) -> dict[str, Path]:
-    """A tiny PAI-shaped model, a four-image captioned dataset, and folders UID 1000 can write."""
+    """A data folder (a tiny PAI-shaped model, a four-image captioned dataset) and folders UID 1000 can write."""
     sys.path.insert(0, str(REPO / "tests"))
     from PIL import Image
     from tiny_model import build as build_model
 
     shutil.rmtree(run, ignore_errors=True)
-    paths = {name: run / name for name in ("model", "dataset", "outputs", "cache")}
-    build_model(paths["model"])
-    paths["dataset"].mkdir()
+    paths = {name: run / name for name in ("data", "outputs", "cache")}
+    build_model(paths["data"] / "pai-tiny")
+    train = paths["data"] / "train"
+    train.mkdir()
     captions = ["一只猫", "一碗面", "雪山", "竹林"]
-    with open(paths["dataset"] / "metadata.jsonl", "w", encoding="utf-8") as metadata:
+    with open(train / "metadata.jsonl", "w", encoding="utf-8") as metadata:
         for i, (caption, colour) in enumerate(zip(captions, ["red", "gold", "white", "green"], strict=True)):
-            Image.new("RGB", (64, 64), colour).save(paths["dataset"] / f"{i}.png")
+            Image.new("RGB", (64, 64), colour).save(train / f"{i}.png")
             metadata.write(json.dumps({"file_name": f"{i}.png", "text": caption}, ensure_ascii=False) + "\n")
     for writable in ("outputs", "cache"):
         paths[writable].mkdir()
         os.chown(paths[writable], APP_UID, APP_UID)
-    for path in [run, *run.rglob("*")]:  # the model and dataset only need to be readable
-        path.chmod(path.stat().st_mode | 0o755 if path.is_dir() else path.stat().st_mode | 0o644)
+    for path in [run, *run.rglob("*")]:  # the data only needs to be readable
+        path.chmod(path.stat().st_mode | (0o755 if path.is_dir() else 0o644))
     return paths
 
 
-# How a restricted Kubernetes pod runs the image (k8s/): the image's UID 1000, nothing writable but volumes and /tmp.
-POD_FLAGS = [
-    "--rm",
-    "--network=none",
-    "--read-only",
-    "--tmpfs=/tmp",
-    "--cap-drop=all",
-    "--security-opt=no-new-privileges",
-]
+# `make run-local` already runs the image as a pod does (its UID 1000, read-only root, tmpfs /tmp, volumes);
+# these add the rest of the restricted profile, and no network to prove the jobs need none.
+POD_FLAGS = "--network=none --cap-drop=all --security-opt=no-new-privileges"
 
 
-def run_job(job: str, paths: dict[str, Path], env: dict[str, str], log) -> float:
-    """Run one job in the image, its output to /outputs/JOB; return its seconds."""
-    mounts = {"model": "/models/pai-tiny:ro", "dataset": "/data/train:ro", "outputs": "/outputs", "cache": "/cache"}
-    env = {"HF_HUB_OFFLINE": "1", "MODEL_NAME": "/models/pai-tiny", "OUTPUT_DIR": f"/outputs/{job}", **env}
+def run_job(job: str, paths: dict[str, Path], settings: dict[str, str], log) -> float:
+    """Run one job in the image through `make run-local DOCKER=podman`, outputs in /outputs/JOB; return seconds."""
+    make_vars = {
+        "DOCKER": "podman",
+        "IMAGE": IMAGE,
+        "TAG": TAG,
+        "JOB": job,
+        "RUN_FLAGS": POD_FLAGS,
+        "DATA": paths["data"],
+        "OUTPUTS": paths["outputs"],
+        "MODEL_CACHE": paths["cache"],
+        "HF_HUB_OFFLINE": "1",
+        "MODEL_NAME": "/data/pai-tiny",
+        **settings,
+    }
     started = time.perf_counter()
-    sh(
-        "podman",
-        "run",
-        *POD_FLAGS,
-        *(f"--volume={paths[name]}:{target}" for name, target in mounts.items()),
-        *(f"--env={name}={value}" for name, value in env.items()),
-        f"{IMAGE}:{TAG}",
-        job,
-        log=log,
-        what=f"`{job}` in the image",
-        timeout=900,
-    )
+    run_local = ["make", "-C", REPO, "run-local", *(f"{name}={value}" for name, value in make_vars.items())]
+    sh(*run_local, log=log, what=f"`{job}` in the image", timeout=900)
     return time.perf_counter() - started
 
 
