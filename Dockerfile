@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for the four jobs: `docker run IMAGE generate|img2img|finetune|lora`, configured by env vars.
 # Build: `make build`; CI builds this same file on a CPU stand-in base (`make test-image`, docs/container.md).
 

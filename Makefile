@@ -35,7 +35,7 @@ demo: install
 	@echo "open $(DEMO)/generate/index.html and $(DEMO)/img2img/index.html"
 
 # ---- Container image (Dockerfile, docs/container.md) ----
-# `make build`, `make push IMAGE=registry.example.com/ml/pai-diffusion-jobs`, `make run-local JOB=generate PROMPT=一只猫`.
+# `make build push IMAGE=registry.example.com/ml/pai-diffusion-jobs`, `make run-local JOB=generate PROMPT=一只猫`.
 DOCKER ?= docker
 IMAGE ?= pai-diffusion-jobs
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' jobs/__init__.py)
@@ -48,7 +48,7 @@ build:
 	$(DOCKER) build $(BUILD_FLAGS) --build-arg VERSION=$(VERSION) \
 		--build-arg REVISION=$(shell git rev-parse HEAD 2>/dev/null || echo unknown) -t $(IMAGE):$(TAG) .
 
-push: build
+push:
 	@case "$(IMAGE)" in */*) ;; *) echo "push: set IMAGE to a registry path, e.g. IMAGE=registry.example.com/ml/pai-diffusion-jobs" >&2; exit 2;; esac
 	$(DOCKER) push $(IMAGE):$(TAG)
 
