@@ -33,10 +33,12 @@ COPY requirements/runtime.txt /src/requirements/runtime.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install -r /src/requirements/runtime.txt
 
+# The project as a wheel, installed in the final stage: a code change then rebuilds a layer of kilobytes,
+# and nodes keep the gigabytes of dependencies they already pulled.
 COPY pyproject.toml README.md /src/
 COPY jobs /src/jobs
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps /src
+    pip wheel --no-deps --wheel-dir /dist /src
 
 
 FROM ${BASE_IMAGE}
@@ -54,6 +56,9 @@ RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
  && chown -R app:app /cache /outputs
 
 COPY --from=builder /opt/venv /opt/venv
+# COPY, not a bind mount: buildah's layer cache ignores a changed mount and would keep the old code.
+COPY --from=builder /dist /tmp/dist
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/dist/*.whl
 
 # Nothing may write outside the volumes and /tmp, even under a UID without a home (OpenShift, runAsUser):
 # bytecode is compiled at build time, and every cache that defaults to $HOME is sent to /tmp.
