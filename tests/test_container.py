@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs import __version__
+
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile"
 
@@ -63,7 +65,7 @@ def test_run_local_command(docker):
     assert f"-v {REPO}/outputs:/outputs" in words
     assert re.search(r"-v \S+:/cache( |$)", words)
     assert "-e PROMPT" in words and "-e OUTPUT_DIR" in words  # by name: docker reads the values from make's env
-    assert argv[-2:] == ["pai-diffusion-jobs:0.1.0", "generate"]
+    assert argv[-2:] == [f"pai-diffusion-jobs:{__version__}", "generate"]
 
 
 def test_run_local_passes_values_through(tmp_path):
@@ -81,3 +83,14 @@ def test_run_local_passes_values_through(tmp_path):
 
     out = make("run-local", *common, "OUTPUT_DIR=/outputs/night-1")
     assert "OUTPUT_DIR=/outputs/night-1" in out
+
+
+def test_build_and_push_commands():
+    build = shlex.split(make("-n", "build", "DOCKER=podman", "TAG=dev").replace("\\\n", " "))
+    assert build[:5] == ["podman", "build", "--build-arg", f"VERSION={__version__}", "--build-arg"]
+    assert re.fullmatch(r"REVISION=[0-9a-f]{40}", build[5])  # the commit, for the OCI revision label
+    assert build[6:] == ["-t", "pai-diffusion-jobs:dev", "."]
+    registry = "registry.example.com/ml/pai-diffusion-jobs"
+    assert f"docker push {registry}:{__version__}" in make("-n", "push", f"IMAGE={registry}")
+    refused = subprocess.run(["make", "-C", str(REPO), "push"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "set IMAGE to a registry path" in refused.stderr
