@@ -43,6 +43,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
+# ca-certificates: the system trust store, for hub downloads behind a proxy with its own CA (SSL_CERT_FILE).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates \
