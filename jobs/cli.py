@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +53,8 @@ def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[
     started = time.perf_counter()
     try:
         config = load(config_cls, argv)
-        print(describe(config), file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under a multi-process launcher, print it once
+            print(describe(config), file=sys.stderr, flush=True)
         job(config)
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
