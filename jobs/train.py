@@ -248,30 +248,31 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     start_step, loss_history = resume(accelerator, checkpoints)
     if is_main:
         accelerator.init_trackers(strategy.name, config=loggable(config))
-        log.info(
-            "training",
-            extra={
-                "fields": {
-                    "examples": len(dataset),
-                    "processes": accelerator.num_processes,
-                    "mixed_precision": accelerator.mixed_precision,
-                    "first_step": start_step + 1,
-                    "max_train_steps": max_train_steps,
-                }
-            },
-        )
-
     micro_batches = iter(
         torch.utils.data.DataLoader(
             dataset,
             batch_sampler=plan.batches(start_step * accumulation, max_train_steps * accumulation),
             num_workers=config.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(seed),  # not the global RNG, which a checkpoint restores
         )
     )
     progress = Progress(max_train_steps, "step", initial=start_step) if is_main else None
     sigterm = SigtermFlag()
     validated_at = None
     with sigterm.installed():
+        if is_main:
+            log.info(
+                "training",
+                extra={
+                    "fields": {
+                        "examples": len(dataset),
+                        "processes": accelerator.num_processes,
+                        "mixed_precision": accelerator.mixed_precision,
+                        "first_step": start_step + 1,
+                        "max_train_steps": max_train_steps,
+                    }
+                },
+            )
         for step in range(start_step + 1, max_train_steps + 1):
             step_loss = 0.0
             for micro_step in range(accumulation):
@@ -330,8 +331,13 @@ def check_before_loading(config: TrainConfig) -> None:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """An Accelerator for this process; fp16 on a CPU falls back to full precision with one warning."""
-    state = PartialState(cpu=config.device == "cpu")
+    """An Accelerator for this process; fp16 on a CPU falls back to full precision with one warning.
+
+    Without a GPU accelerate is told so explicitly: only then do several launched processes
+    (torchrun, `accelerate launch --multi_gpu`) join one gloo group instead of training alone.
+    """
+    cpu = config.device == "cpu" or not torch.accelerator.is_available()
+    state = PartialState(cpu=cpu)
     mixed_precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision == "fp16" and state.device.type == "cpu":
         if state.is_main_process:
@@ -342,7 +348,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision=mixed_precision,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=project,
-        cpu=config.device == "cpu",
+        cpu=cpu,
     )
 
 
