@@ -140,7 +140,7 @@ def _hub_examples(config: TrainConfig) -> Examples:
     for column in (config.image_column, config.caption_column):
         if column not in dataset.column_names:
             raise BadInput(f"dataset {config.dataset_name} has no column {column!r}; it has {dataset.column_names}")
-    captions = dataset[config.caption_column]
+    captions = list(dataset[config.caption_column])
     problems = [
         f"row {number}: empty or missing caption {config.caption_column!r}"
         for number, caption in enumerate(captions, start=1)

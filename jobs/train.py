@@ -202,6 +202,8 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     pipe.vae.requires_grad_(False).to(weight_dtype)
     pipe.text_encoder.requires_grad_(False).to(weight_dtype)
     strategy = strategy_cls(config, pipe, weight_dtype)
+    for model in strategy.models.values():
+        model.train()  # from_pretrained leaves models in eval mode
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if "text_encoder" in strategy.models:
