@@ -465,7 +465,8 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int, lo
     final = config.output_dir / f"checkpoint-{step}"
     partial = config.output_dir / f".checkpoint-{step}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for leftover in config.output_dir.glob(".checkpoint-*.partial"):  # from a run killed while saving
+            shutil.rmtree(leftover)
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)  # every process: each saves its own RNG state
     accelerator.wait_for_everyone()
@@ -516,6 +517,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def resume(accelerator: Accelerator, checkpoints: list[Path]) -> tuple[int, list]:
     """Restore the newest usable checkpoint; return its step and loss history (0 and [] when there is none)."""
+    half_loaded = None
     for checkpoint in checkpoints:
         problem = checkpoint_problem(checkpoint)
         if problem is None:
@@ -523,12 +525,19 @@ def resume(accelerator: Accelerator, checkpoints: list[Path]) -> tuple[int, list
                 accelerator.load_state(checkpoint)
             except Exception as error:  # any unreadable file: fall back to the previous checkpoint
                 problem = f"cannot be loaded ({error})"
+                half_loaded = checkpoint
         if problem:
             log.warning("skipping checkpoint", extra={"fields": {"checkpoint": str(checkpoint), "problem": problem}})
             continue
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         log.info("resuming", extra={"fields": {"checkpoint": str(checkpoint), "step": state["global_step"]}})
         return state["global_step"], state["loss_history"]
+    if half_loaded:
+        # Part of it may be in the model already; starting afresh on top of that would be silently wrong.
+        raise BadInput(
+            f"checkpoint {half_loaded} cannot be loaded and no earlier one can: "
+            "remove it, or start afresh in a new OUTPUT_DIR"
+        )
     return 0, []
 
 
@@ -634,18 +643,16 @@ def write_loss_plot(loss_history: list, path: Path) -> None:
     pyplot.close(figure)
 
 
+CARD_HYPERPARAMETERS = (
+    *("resolution", "center_crop", "random_flip", "train_batch_size", "gradient_accumulation_steps"),
+    *("learning_rate", "lr_scheduler", "lr_warmup_steps", "mixed_precision", "use_ema", "rank", "lora_alpha"),
+    *("train_text_encoder", "snr_gamma", "noise_offset", "prediction_type", "seed"),
+)
+
+
 def model_card(config: TrainConfig, strategy: Strategy, examples: int, steps: int) -> str:
     data = config.dataset_name or str(config.train_data_dir)
-    hyperparameters = {
-        name: value
-        for name, value in loggable(config).items()
-        if name
-        in (
-            "resolution center_crop random_flip train_batch_size gradient_accumulation_steps learning_rate "
-            "lr_scheduler lr_warmup_steps mixed_precision use_ema rank lora_alpha train_text_encoder "
-            "snr_gamma noise_offset prediction_type seed"
-        ).split()
-    }
+    hyperparameters = {name: value for name, value in loggable(config).items() if name in CARD_HYPERPARAMETERS}
     prompt = (validation_prompts(config) or ["一只可爱的小猫"])[0]
     usage = strategy.usage.format(
         output_dir=config.output_dir, base_model=config.pretrained_model_name_or_path, prompt=prompt

@@ -161,6 +161,19 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_total_limit_holds(tiny_m
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
 
+def test_a_checkpoint_that_fails_to_load_with_none_before_it_stops_the_job(tiny_model, dataset, tmp_path, cli, capfd):
+    """Part of it may already be in the model, so starting afresh would silently train from a mix."""
+    output = tmp_path / "out"
+    common = ("--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--no_save_merged")
+    assert cli("lora", *common, "--max_train_steps", 1, "--checkpointing_steps", 1, MODEL_NAME=tiny_model) == 0
+    corrupt = output / "checkpoint-1" / "optimizer.bin"
+    corrupt.write_bytes(bytes(corrupt.stat().st_size))  # same size, unreadable
+
+    capfd.readouterr()
+    assert cli("lora", *common, "--max_train_steps", 2, MODEL_NAME=tiny_model) == 2
+    assert "checkpoint-1 cannot be loaded and no earlier one can" in capfd.readouterr().err
+
+
 def test_latent_cache_is_built_once_and_reused_on_resume(tiny_model, dataset, tmp_path, cli, capfd):
     output = tmp_path / "out"
     common = (
