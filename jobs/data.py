@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,14 +109,15 @@ def _folder_examples(folder: Path, caption_column: str) -> Examples:
         problems.append("no records")
     if problems:
         raise BadInput(f"dataset {metadata}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-    return Examples(captions, lambda i: _open_rgb(files[i]), _digest(str(root), [str(f) for f in files], captions))
+    versions = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]  # an edited image changes it
+    return Examples(captions, lambda i: _open_rgb(files[i]), _digest(versions, captions))
 
 
 def _check_file_name(name: object, root: Path) -> tuple[Path | None, str | None]:
     """The image a record names, or why it cannot be used (missing, outside the folder, unreadable)."""
     if not isinstance(name, str) or not name:
         return None, "no file_name"
-    path = (root / name).resolve()
+    path = Path(os.path.normpath(root / name))  # lexically: `..` and absolute paths escape, symlinks are fine
     if not path.is_relative_to(root):
         return None, f"file_name {name!r} points outside the dataset folder"
     if not path.is_file():

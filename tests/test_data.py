@@ -37,7 +37,9 @@ def test_every_bad_record_is_reported_with_its_line_and_the_job_exits_2(tmp_path
         '{"file_name": "001.png", "text": "café"}'.encode("latin-1"),  # line 8: not UTF-8
         json.dumps({"file_name": "../outside.png", "text": "外面"}, ensure_ascii=False).encode(),  # line 9
         json.dumps({"file_name": "notes.txt", "text": "文本"}, ensure_ascii=False).encode(),  # line 10
+        json.dumps({"file_name": "link.png", "text": "链接"}, ensure_ascii=False).encode(),  # line 11: fine
     ]
+    (train / "link.png").symlink_to(tmp_path / "data" / "outside.png")  # symlinks may point anywhere
     (train / "metadata.jsonl").write_bytes(good + b"\n".join(bad_lines) + b"\n")
 
     code = cli("lora", "--train_data_dir", tmp_path / "data", "--output_dir", tmp_path / "out", MODEL_NAME=tiny_model)
@@ -56,7 +58,7 @@ def test_every_bad_record_is_reported_with_its_line_and_the_job_exits_2(tmp_path
         (10, "image 'notes.txt' cannot be read"),
     ]:
         assert f"line {line}: {words}" in error
-    assert "line 1:" not in error and "line 2:" not in error
+    assert "line 1:" not in error and "line 2:" not in error and "line 11:" not in error
     assert "Traceback" not in error
     assert not (tmp_path / "out").exists(), "nothing is written before the data is checked"
 
