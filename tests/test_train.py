@@ -178,7 +178,7 @@ def test_latent_cache_is_built_once_and_reused_on_resume(tiny_model, dataset, tm
     output = tmp_path / "out"
     common = (
         *("--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--random_flip"),
-        *("--cache_latents", "--checkpointing_steps", 2, "--lr_warmup_steps", 0, "--no_save_merged"),
+        *("--cache_latents", "--checkpointing_steps", 2, "--lr_warmup_steps", 0),
         *("--prediction_type", "v_prediction", "--snr_gamma", 5.0, "--noise_offset", 0.05),
     )
     assert cli("lora", *common, "--max_train_steps", 2, MODEL_NAME=tiny_model) == 0
@@ -196,14 +196,16 @@ def test_latent_cache_is_built_once_and_reused_on_resume(tiny_model, dataset, tm
     assert cache.stat().st_mtime_ns == written
     losses = loss_history(output)
     assert [step for step, _ in losses] == [1, 2, 3] and all(math.isfinite(loss) for _, loss in losses)
+    scheduler = json.loads((output / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"  # what it was trained for (upstream saved epsilon)
 
 
-def test_dataset_name_reads_a_datasets_dataset(tiny_model, dataset, tmp_path, cli):
+def test_dataset_name_reads_a_datasets_dataset_and_legacy_flags_are_accepted(tiny_model, dataset, tmp_path, cli):
     output = tmp_path / "out"
     code = cli(
         "lora",
         *("--dataset_name", dataset / "train", "--output_dir", output, "--resolution", 32, "--max_train_steps", 1),
-        "--no_save_merged",
+        *("--no_save_merged", "--local_rank", 0, "--enable_xformers_memory_efficient_attention"),
         MODEL_NAME=tiny_model,
     )
     assert code == 0
@@ -241,6 +243,7 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     assert log.count('"message": "validation images"') == 1
     assert log.count('"message": "saved"') == 1
     assert (output / "samples" / "step-000002.png").is_file()
+    assert len(list((output / "logs" / "lora").rglob("events.out.tfevents.*"))) >= 1
     assert {p.name for p in (output / "checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
         "random_states_1.pkl",
