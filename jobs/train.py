@@ -61,6 +61,12 @@ class FullFinetune:
     """Every UNet weight trains (the text encoder and VAE stay frozen); optionally an EMA copy is kept and saved."""
 
     name = "finetune"
+    usage = """```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{output_dir}")
+image = pipe("{prompt}").images[0]
+```"""
 
     def __init__(self, config: FinetuneConfig, pipe: StableDiffusionPipeline, weight_dtype: torch.dtype):
         self.config, self.pipe = config, pipe
@@ -103,41 +109,31 @@ class FullFinetune:
             self.ema.copy_to(self.pipe.unet.parameters())
         save_pipeline(self.pipe, output_dir)
 
-    usage = """```python
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{output_dir}")
-image = pipe("{prompt}").images[0]
-```"""
-
 
 class LoraFinetune:
     """The model stays frozen; low-rank adapters on the attention projections train (UNet, optionally text encoder)."""
 
     name = "lora"
+    usage = """```python
+from diffusers import StableDiffusionPipeline
+
+# the merged pipeline (unless --no_save_merged)
+pipe = StableDiffusionPipeline.from_pretrained("{output_dir}")
+# or the base model plus the LoRA weights
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+pipe.load_lora_weights("{output_dir}")
+image = pipe("{prompt}").images[0]
+```"""
 
     def __init__(self, config: LoraConfig, pipe: StableDiffusionPipeline, weight_dtype: torch.dtype):
         self.config, self.pipe = config, pipe
-        alpha = config.lora_alpha or config.rank
         pipe.unet.requires_grad_(False)
         pipe.unet.to(weight_dtype)
-        pipe.unet.add_adapter(
-            AdapterConfig(
-                r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS
-            )
-        )
+        pipe.unet.add_adapter(adapter_config(config, UNET_LORA_TARGETS))
         self.models = {"unet": pipe.unet}
         if config.train_text_encoder:
             # peft directly: transformers' add_adapter insists on a newer peft than diffusers needs.
-            inject_adapter_in_model(
-                AdapterConfig(
-                    r=config.rank,
-                    lora_alpha=alpha,
-                    init_lora_weights="gaussian",
-                    target_modules=TEXT_ENCODER_LORA_TARGETS,
-                ),
-                pipe.text_encoder,
-            )
+            inject_adapter_in_model(adapter_config(config, TEXT_ENCODER_LORA_TARGETS), pipe.text_encoder)
             self.models["text_encoder"] = pipe.text_encoder
         # Adapters train in fp32 even when the frozen weights are fp16: fp16 gradients cannot be unscaled.
         cast_training_params(list(self.models.values()), dtype=torch.float32)
@@ -164,19 +160,18 @@ class LoraFinetune:
         self.pipe.unload_lora_weights()
         save_pipeline(self.pipe, output_dir)
 
-    usage = """```python
-from diffusers import StableDiffusionPipeline
-
-# the merged pipeline (unless --no_save_merged)
-pipe = StableDiffusionPipeline.from_pretrained("{output_dir}")
-# or the base model plus the LoRA weights
-pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
-pipe.load_lora_weights("{output_dir}")
-image = pipe("{prompt}").images[0]
-```"""
-
 
 Strategy = FullFinetune | LoraFinetune
+
+
+def adapter_config(config: LoraConfig, target_modules: list[str]) -> AdapterConfig:
+    """Gaussian A, zero B: the adapted model starts exactly as the base model."""
+    return AdapterConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha or config.rank,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+    )
 
 
 def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
@@ -263,18 +258,9 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     validated_at = None
     with sigterm.installed():
         if is_main:
-            log.info(
-                "training",
-                extra={
-                    "fields": {
-                        "examples": len(dataset),
-                        "processes": accelerator.num_processes,
-                        "mixed_precision": accelerator.mixed_precision,
-                        "first_step": start_step + 1,
-                        "max_train_steps": max_train_steps,
-                    }
-                },
-            )
+            plan_facts = {"examples": len(dataset), "processes": accelerator.num_processes}
+            plan_facts |= {"mixed_precision": accelerator.mixed_precision, "first_step": start_step + 1}
+            log.info("training", extra={"fields": {**plan_facts, "max_train_steps": max_train_steps}})
         for step in range(start_step + 1, max_train_steps + 1):
             step_loss = 0.0
             for micro_step in range(accumulation):
