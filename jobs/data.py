@@ -285,42 +285,68 @@ class LatentCache:
             data_seed(config),
         )
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        found = {"latent_dists": self.latent_dists, "text_embeddings": self.text_embeddings}
+        return {name: tensor.contiguous() for name, tensor in found.items() if tensor is not None}
+
     @classmethod
-    def load_or_build(cls, path: Path, build: Callable[[], LatentCache], is_main: bool, wait: Callable[[], None]):
-        """Reuse the file at `path`, or let the main process build and write it while the others wait."""
+    def load_or_build(cls, path: Path, encode: Callable[[range], LatentCache], accelerator) -> LatentCache:
+        """Reuse the file at `path`, or build it: every process encodes its share, the main process joins them.
+
+        Shares keep a big dataset from holding the other GPUs at a barrier until it times out.
+        """
+        rank, world = accelerator.process_index, accelerator.num_processes
         reused = path.is_file()
-        if not reused and is_main:
-            log.info("encoding the dataset once for --cache_latents", extra={"fields": {"cache": str(path)}})
-            cache = build()
-            tensors = {"latent_dists": cache.latent_dists.contiguous()}
-            if cache.text_embeddings is not None:
-                tensors["text_embeddings"] = cache.text_embeddings.contiguous()
+        if not reused:
+            if accelerator.is_main_process:
+                log.info("encoding the dataset once for --cache_latents", extra={"fields": {"cache": str(path)}})
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(".partial")
-            save_file(tensors, partial)
-            partial.replace(path)
-        wait()
-        if reused and is_main:
+            parts = [path.with_name(f"{path.stem}.part-{r}-of-{world}") for r in range(world)]
+            save_file(encode(range(rank, encode.size, world)).tensors(), parts[rank])
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shares = [load_file(part) for part in parts]
+                joined = {}
+                for name, first in shares[0].items():  # example i is row i // world of share i % world
+                    joined[name] = torch.empty((encode.size, *first.shape[1:]), dtype=first.dtype)
+                    for r, share in enumerate(shares):
+                        joined[name][r::world] = share[name]
+                save_file(joined, path.with_suffix(".partial"))
+                path.with_suffix(".partial").replace(path)
+                for part in parts:
+                    part.unlink()
+        accelerator.wait_for_everyone()
+        if reused and accelerator.is_main_process:
             log.info("reusing the latent cache", extra={"fields": {"cache": str(path)}})
         tensors = load_file(path)
         return cls(tensors["latent_dists"], tensors.get("text_embeddings"))
 
 
-@torch.no_grad()
-def encode_examples(
-    examples: Examples, transform: ImageTransform, seed: int, vae, text_encoder, tokenizer, with_text: bool
-) -> LatentCache:
-    """Encode every image (and its flip) through the VAE, and every caption when the text encoder is frozen.
+class ExampleEncoder:
+    """Encodes examples through the VAE (each image and, with --random_flip, its mirror) and the text encoder.
 
     With random crops the crop is drawn once per image (as epoch 0 would), since a cache holds one.
     """
-    flips = [False, True] if transform.random_flip else [False]
-    latent_dists, text_embeddings = [], []
-    for index in range(len(examples)):
-        image = transform.crop(examples.open_image(index), np.random.default_rng((seed, 0, index)))
-        pixels = torch.stack([transform.to_tensor(image, flip) for flip in flips]).to(vae.device, vae.dtype)
-        latent_dists.append(vae.encode(pixels).latent_dist.parameters.float().cpu())
-        if with_text:
-            ids = tokenize(tokenizer, [examples.captions[index]]).to(text_encoder.device)
-            text_embeddings.append(text_encoder(ids, return_dict=False)[0][0].float().cpu())
-    return LatentCache(torch.stack(latent_dists), torch.stack(text_embeddings) if with_text else None)
+
+    def __init__(
+        self, examples: Examples, transform: ImageTransform, seed: int, vae, text_encoder, tokenizer, with_text
+    ):
+        self.examples, self.transform, self.seed, self.with_text = examples, transform, seed, with_text
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.size = len(examples)
+
+    @torch.no_grad()
+    def __call__(self, indices: range) -> LatentCache:
+        flips = [False, True] if self.transform.random_flip else [False]
+        latent_dists, text_embeddings = [], []
+        for index in indices:
+            image = self.transform.crop(self.examples.open_image(index), np.random.default_rng((self.seed, 0, index)))
+            pixels = torch.stack([self.transform.to_tensor(image, flip) for flip in flips])
+            latent_dists.append(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters)
+            if self.with_text:
+                ids = tokenize(self.tokenizer, [self.examples.captions[index]]).to(self.text_encoder.device)
+                text_embeddings.append(self.text_encoder(ids, return_dict=False)[0][0])
+        return LatentCache(
+            torch.stack(latent_dists).float().cpu(),
+            torch.stack(text_embeddings).float().cpu() if self.with_text else None,
+        )

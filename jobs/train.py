@@ -39,11 +39,11 @@ from safetensors.torch import load_file, save_file
 from jobs.config import BadInput, FinetuneConfig, LoraConfig, TrainConfig
 from jobs.data import (
     BatchPlan,
+    ExampleEncoder,
     ImageTransform,
     LatentCache,
     TrainingSet,
     data_seed,
-    encode_examples,
     load_examples,
 )
 from jobs.models import check_model_source, load_pipeline
@@ -212,9 +212,8 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
         with_text = "text_encoder" not in strategy.models
         cache = LatentCache.load_or_build(
             config.output_dir / "latent-cache" / f"{LatentCache.key(config, examples, with_text)}.safetensors",
-            lambda: encode_examples(examples, transform, seed, pipe.vae, pipe.text_encoder, pipe.tokenizer, with_text),
-            is_main,
-            accelerator.wait_for_everyone,
+            ExampleEncoder(examples, transform, seed, pipe.vae, pipe.text_encoder, pipe.tokenizer, with_text),
+            accelerator,
         )
     dataset = TrainingSet(examples, transform, pipe.tokenizer, seed, cache)
     plan = BatchPlan(len(dataset), config.train_batch_size, seed, accelerator.process_index, accelerator.num_processes)

@@ -223,7 +223,7 @@ def test_unusable_options_exit_2_with_one_line(tiny_model, dataset, tmp_path, cl
 
 
 def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_path):
-    """Two CPU processes in one gloo group: one config line, one validation, one save.
+    """Two CPU processes in one gloo group: one config line, one validation, one save, one latent cache.
 
     `--multi_gpu`, not `--cpu`: accelerate 1.15 starts several CPU processes only through MPI with
     `--cpu`, and through torchrun with `--multi_gpu`, which the job turns into gloo on a CPU machine.
@@ -234,6 +234,7 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     args = ["--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--train_batch_size", 1]
     args += ["--max_train_steps", 2, "--checkpointing_steps", 1, "--lr_warmup_steps", 0, "--seed", 0]
     args += ["--validation_prompt", "一只猫", "--num_validation_images", 1, "--validation_steps", 2]
+    args += ["--cache_latents", "--random_flip"]  # each process encodes half, the main process joins them
     result = run_process([str(a) for a in launch + args], env={"MODEL_NAME": tiny_model}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -244,6 +245,8 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     assert log.count('"message": "saved"') == 1
     assert (output / "samples" / "step-000002.png").is_file()
     assert len(list((output / "logs" / "lora").rglob("events.out.tfevents.*"))) >= 1
+    (cache,) = (output / "latent-cache").iterdir()
+    assert load_file(cache)["latent_dists"].shape[:2] == (5, 2)
     assert {p.name for p in (output / "checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
         "random_states_1.pkl",
