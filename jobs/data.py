@@ -290,7 +290,7 @@ class LatentCache:
         return {name: tensor.contiguous() for name, tensor in found.items() if tensor is not None}
 
     @classmethod
-    def load_or_build(cls, path: Path, encode: Callable[[range], LatentCache], accelerator) -> LatentCache:
+    def load_or_build(cls, path: Path, encode: ExampleEncoder, accelerator) -> LatentCache:
         """Reuse the file at `path`, or build it: every process encodes its share, the main process joins them.
 
         Shares keep a big dataset from holding the other GPUs at a barrier until it times out.
