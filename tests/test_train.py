@@ -253,3 +253,25 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     }
     pipe = StableDiffusionPipeline.from_pretrained(output)
     assert pipe("一只猫", num_inference_steps=2).images[0].size == (32, 32)
+
+
+def test_validation_runs_every_validation_epochs_or_every_validation_steps():
+    from jobs.config import LoraConfig
+    from jobs.train import validation_due
+
+    # 3 micro-batches an epoch, 2 a step: epochs end in steps 2, 3, 5, 6, 8, 9; every second one in 3, 6, 9.
+    config = LoraConfig(train_data_dir=".", validation_prompt="猫", gradient_accumulation_steps=2, validation_epochs=2)
+    assert [step for step in range(1, 10) if validation_due(config, step, batches_per_epoch=3)] == [3, 6, 9]
+    by_steps = config.model_copy(update={"validation_steps": 4})
+    assert [step for step in range(1, 10) if validation_due(by_steps, step, batches_per_epoch=3)] == [4, 8]
+    assert not validation_due(config.model_copy(update={"validation_prompt": None}), 3, batches_per_epoch=3)
+
+
+def test_a_named_checkpoint_that_does_not_exist_is_bad_input(tiny_model, dataset, tmp_path, cli, capfd):
+    code = cli(
+        "finetune",
+        *("--train_data_dir", dataset, "--output_dir", tmp_path, "--resume_from_checkpoint", "checkpoint-7"),
+        MODEL_NAME=tiny_model,
+    )
+    assert code == 2
+    assert "RESUME_FROM_CHECKPOINT checkpoint-7: no such checkpoint folder" in capfd.readouterr().err
