@@ -137,21 +137,15 @@ def build(log) -> None:
 
 
 def fixtures(run: Path) -> dict[str, Path]:
-    """A data folder (a tiny PAI-shaped model, a four-image captioned dataset) and folders UID 1000 can write."""
+    """A data folder (a tiny PAI-shaped model, a captioned dataset in the seed's layout), folders UID 1000 can write."""
     sys.path.insert(0, str(REPO / "tests"))
-    from PIL import Image
+    from tiny_dataset import write_dataset
     from tiny_model import build as build_model
 
     shutil.rmtree(run, ignore_errors=True)
     paths = {name: run / name for name in ("data", "outputs", "cache")}
     build_model(paths["data"] / "pai-tiny")
-    train = paths["data"] / "train"
-    train.mkdir()
-    captions = ["一只猫", "一碗面", "雪山", "竹林"]
-    with open(train / "metadata.jsonl", "w", encoding="utf-8") as metadata:
-        for i, (caption, colour) in enumerate(zip(captions, ["red", "gold", "white", "green"], strict=True)):
-            Image.new("RGB", (64, 64), colour).save(train / f"{i}.png")
-            metadata.write(json.dumps({"file_name": f"{i}.png", "text": caption}, ensure_ascii=False) + "\n")
+    write_dataset(paths["data"] / "dataset", count=4)
     for writable in ("outputs", "cache"):
         paths[writable].mkdir()
         os.chown(paths[writable], APP_UID, APP_UID)
@@ -227,7 +221,7 @@ JOBS = [
     ("generate", {"PROMPT": "一只猫坐在窗台上", "NUM_INFERENCE_STEPS": "2"}, check_generate),
     (
         "lora",
-        {"TRAIN_DIR": "/data/train", "RESOLUTION": "32", "TRAIN_BATCH_SIZE": "2", "MAX_TRAIN_STEPS": "2"},
+        {"TRAIN_DIR": "/data/dataset", "RESOLUTION": "32", "TRAIN_BATCH_SIZE": "2", "MAX_TRAIN_STEPS": "2"},
         check_lora,
     ),
 ]
