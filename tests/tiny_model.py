@@ -23,10 +23,30 @@ MAX_LENGTH = 32
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # Widths of the text encoder, the UNet blocks and the VAE blocks. `medium` is wide enough that
-# compute, not Python overhead, dominates on a CPU (for benchmarks).
+# compute, not Python overhead, dominates on a CPU; `sd1` is the full SD 1.x architecture
+# (an 860M-parameter UNet at 512x512) for GPU benchmarks.
+TWO_LEVELS = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"), "up": ("UpBlock2D", "CrossAttnUpBlock2D")}
 SIZES = {
-    "tiny": {"text": 32, "unet": (32, 64), "vae": (32, 64), "sample": 16, "layers": 1},
-    "medium": {"text": 256, "unet": (128, 256), "vae": (64, 128), "sample": 32, "layers": 2},
+    "tiny": {"text": 32, "layers_text": 2, "unet": (32, 64), "vae": (32, 64), "sample": 16, "layers": 1, **TWO_LEVELS},
+    "medium": {
+        "text": 256,
+        "layers_text": 2,
+        "unet": (128, 256),
+        "vae": (64, 128),
+        "sample": 32,
+        "layers": 2,
+        **TWO_LEVELS,
+    },
+    "sd1": {
+        "text": 768,
+        "layers_text": 12,
+        "unet": (320, 640, 1280, 1280),
+        "vae": (128, 256, 512, 512),
+        "sample": 64,
+        "layers": 2,
+        "down": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    },
 }
 
 
@@ -57,8 +77,8 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> Path:
             vocab_size=len(tokenizer),
             hidden_size=widths["text"],
             intermediate_size=widths["text"] * 2,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            num_hidden_layers=widths["layers_text"],
+            num_attention_heads=4 if widths["text"] < 768 else 12,
             max_position_embeddings=MAX_LENGTH,
             pad_token_id=0,
             bos_token_id=2,
@@ -71,8 +91,8 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         out_channels=4,
         layers_per_block=widths["layers"],
         block_out_channels=widths["unet"],
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=widths["down"],
+        up_block_types=widths["up"],
         cross_attention_dim=widths["text"],
         attention_head_dim=8,
         norm_num_groups=32,
@@ -81,6 +101,7 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         in_channels=3,
         out_channels=3,
         latent_channels=4,
+        layers_per_block=widths["layers"],
         block_out_channels=widths["vae"],
         down_block_types=("DownEncoderBlock2D",) * len(widths["vae"]),
         up_block_types=("UpDecoderBlock2D",) * len(widths["vae"]),

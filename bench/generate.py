@@ -1,0 +1,102 @@
+"""Generation benchmark: the seed's snippet against the `generate` job, same model, same machine.
+
+Each contender runs as its own process and is timed whole, start-up included, as a user would
+time it. Printed: images/s, peak memory and the ratio to the seed's snippet.
+
+    python bench/generate.py                          # CPU, medium PAI-shaped model
+    python bench/generate.py --size sd1 --device cuda # full SD 1.x architecture on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from tiny_model import build  # noqa: E402
+
+# The seed's text-to-image snippet as written (pipeline defaults, one prompt per call, images
+# saved one by one), looped over the prompts; the last line reports the process's peak memory.
+SEED_SNIPPET = """
+import json, resource, sys, torch
+from diffusers import StableDiffusionPipeline
+
+model_id, device, prompts_file, out = sys.argv[1:5]
+pipe = StableDiffusionPipeline.from_pretrained(model_id)
+pipe = pipe.to(device)
+for i, prompt in enumerate(open(prompts_file, encoding="utf-8").read().splitlines()):
+    torch.manual_seed(i)
+    image = pipe(prompt).images[0]
+    image.save(f"{out}/result-{i}.png")
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0}))
+"""
+
+# The generate job, in-process, reporting the same peak-memory line.
+OUR_JOB = """
+import json, resource, sys, torch
+from jobs.cli import main
+
+code = main(["generate"])
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0}))
+sys.exit(code)
+"""
+
+
+def timed(code: str, args: list[str], env: dict[str, str]) -> dict:
+    """Run a Python snippet in a fresh process; return its wall time and the memory it reports."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"benchmark process failed:\n{done.stderr[-3000:]}")
+    return {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="medium", help="fixture size (tests/tiny_model.py)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompts", type=int, default=16)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    model = build(work / f"model-{args.size}", args.size)
+    prompts = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()[: args.prompts]
+    prompts_file = work / "prompts.txt"
+    prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    common = {"MODEL_NAME": str(model), "PROMPTS_FILE": str(prompts_file), "DEVICE": args.device, "HF_HUB_OFFLINE": "1"}
+
+    runs = {}
+    (work / "seed").mkdir()
+    runs["seed snippet (pndm, 50 steps, 1 prompt/call)"] = timed(
+        SEED_SNIPPET, [str(model), args.device, str(prompts_file), str(work / "seed")], {"HF_HUB_OFFLINE": "1"}
+    )
+    runs["generate job, defaults"] = timed(OUR_JOB, [], {**common, "OUTPUT_DIR": str(work / "defaults")})
+    runs["generate job, SCHEDULER=pndm NUM_INFERENCE_STEPS=50"] = timed(
+        OUR_JOB, [], {**common, "OUTPUT_DIR": str(work / "pndm"), "SCHEDULER": "pndm", "NUM_INFERENCE_STEPS": "50"}
+    )
+
+    baseline = len(prompts) / next(iter(runs.values()))["seconds"]
+    print(f"\n{len(prompts)} prompts, model size {args.size}, device {args.device}, whole process timed\n")
+    print(f"{'contender':<55} {'images/s':>9} {'ratio':>7} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
+    for name, run in runs.items():
+        rate = len(prompts) / run["seconds"]
+        print(
+            f"{name:<55} {rate:>9.3f} {rate / baseline:>6.2f}x {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Training benchmark: the upstream examples' step against our `lora` and `finetune` jobs.
+
+Same model, same data, same batch, resolution and step count; each contender is its own process,
+timed whole (loading, caching and the final save included). Printed: samples/s, peak memory and
+the ratio to the upstream step.
+
+    python bench/train.py                              # CPU, medium PAI-shaped model
+    python bench/train.py --size sd1 --device cuda --resolution 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from tiny_model import build  # noqa: E402
+
+# Our job in-process, reporting its peak memory on the last line like the baseline does.
+OUR_JOB = """
+import json, resource, sys
+from jobs.cli import main
+
+code = main(sys.argv[1:])
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+sys.exit(code)
+"""
+
+
+def gradient_image(size: int, shift: int) -> Image.Image:
+    base = Image.linear_gradient("L").resize((size, size))
+    return Image.merge("RGB", [base.point(lambda v, k=k: (v + shift * (k + 1)) % 256) for k in range(3)])
+
+
+def make_dataset(folder: Path, count: int, size: int) -> Path:
+    """Coloured gradient images with Chinese captions, in the seed's metadata.jsonl layout."""
+    folder.mkdir(parents=True)
+    captions = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    lines = []
+    for i in range(count):
+        image = gradient_image(size, shift=40 * i)
+        image.save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": captions[i % len(captions)]}, ensure_ascii=False))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def timed(args: list[str], env: dict[str, str] | None = None) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"benchmark process failed: {' '.join(args[:4])} ...\n{done.stderr[-3000:]}")
+    return {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="medium", help="fixture size (tests/tiny_model.py)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--images", type=int, default=16)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    model = build(work / f"model-{args.size}", args.size)
+    data = make_dataset(work / "data", args.images, args.resolution * 2)
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "" if args.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+    }
+    shared = [
+        f"--pretrained_model_name_or_path={model}",
+        f"--train_data_dir={data}",
+        f"--resolution={args.resolution}",
+        f"--train_batch_size={args.batch}",
+        f"--max_train_steps={args.steps}",
+        "--center_crop",
+        "--random_flip",
+        "--lr_warmup_steps=0",
+        "--report_to=none",
+        f"--checkpointing_steps={args.steps * 10}",
+    ]
+    runs = {}
+    for mode, job, extra in (("lora", "lora", ["--no_save_merged"]), ("full", "finetune", [])):
+        upstream = [sys.executable, "bench/upstream_train.py", str(model), str(data), f"--mode={mode}"]
+        runs[f"{job}: upstream step (no cache)"] = timed(
+            upstream + [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"], env
+        )
+        ours = [sys.executable, "-c", OUR_JOB, job, *shared, f"--output_dir={work / job}", "--cache_latents", *extra]
+        runs[f"{job}: our job, --cache_latents"] = timed(ours, env)
+
+    samples = args.steps * args.batch
+    setup = f"{args.steps} steps x batch {args.batch} at {args.resolution}px, model {args.size}, device {args.device}"
+    print(f"\n{samples} samples ({setup}), whole process timed\n")
+    print(f"{'contender':<40} {'samples/s':>10} {'ratio':>7} {'peak RSS MB':>12}")
+    baseline = None
+    for name, run in runs.items():
+        rate = samples / run["seconds"]
+        baseline = rate if "upstream" in name else baseline
+        print(f"{name:<40} {rate:>10.2f} {rate / baseline:>6.2f}x {run['peak_rss_mb']:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The training step of diffusers' text-to-image examples (what EasyNLP's scripts run), as a baseline.
+
+Every step it decodes the images from disk, encodes them through the VAE and the captions through
+the text encoder, then trains: no caching, plain AdamW, fp32. It trains peft LoRA adapters on the
+UNet's attention projections (`--mode lora`) or the whole UNet (`--mode full`).
+
+    python bench/upstream_train.py MODEL DATA_DIR --mode lora --steps 40 --batch 4 --resolution 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig
+from PIL import Image
+from transformers import AutoTokenizer, CLIPTextModel
+
+
+def load_example(folder: Path, record: dict, resolution: int) -> torch.Tensor:
+    """Resize, centre-crop, random flip and normalise, as the examples' torchvision transforms do."""
+    image = Image.open(folder / record["file_name"]).convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--mode", choices=["lora", "full"], default="lora")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=64)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if args.mode == "lora":
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+
+    records = [json.loads(line) for line in (args.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    started = time.perf_counter()
+    for step in range(args.steps):
+        batch = [records[(step * args.batch + i) % len(records)] for i in range(args.batch)]
+        pixels = torch.stack([load_example(args.data, r, args.resolution) for r in batch])
+        ids = tokenizer(
+            [r["text"] for r in batch],
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),))
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden_states = text_encoder(ids)[0]
+        prediction = unet(noisy, timesteps, hidden_states).sample
+        loss = F.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"train_seconds": seconds, "samples": args.steps * args.batch, "peak_rss_mb": peak}))
+
+
+if __name__ == "__main__":
+    main()
