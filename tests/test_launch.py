@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +172,15 @@ def test_bad_input_in_a_worker_keeps_exit_code_2(tmp_path: Path) -> None:
     code, output = finish(start(tmp_path, "2", NPROC_PER_NODE=2))
     assert code == 2, output[-3000:]
     assert "exit codes [2]" in output
+
+
+def test_sigterm_reaches_every_process_and_is_waited_for(tmp_path: Path) -> None:
+    """Kubernetes signals only the launcher (PID 1); each process must get time to save a checkpoint."""
+    launcher = start(tmp_path, "sigterm", NPROC_PER_NODE=2)
+    deadline = time.monotonic() + 60
+    while len(reports(tmp_path)) < 2 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    code, output = finish(launcher)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("*.stopped")) == ["rank-0.stopped", "rank-1.stopped"], output[-3000:]
