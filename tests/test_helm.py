@@ -9,7 +9,7 @@ from typing import Any
 
 import helm_python
 import pytest
-from manifests import CHART, RELEASE, helm, kustomize, pods
+from manifests import CHART, HELM_VALUES, RELEASE, helm, kustomize, pods
 
 # What the chart renders with these values must be exactly what kustomize renders from that folder,
 # apart from the labels only one of the tools sets.
@@ -17,8 +17,9 @@ PARITY = {"defaults": "base", "multinode": "overlays/multinode", "kueue": "overl
 TOOL_LABELS = {"helm.sh/chart", "app.kubernetes.io/managed-by"}
 
 
-def test_lint_strict() -> None:
-    report = helm_python.lint(CHART, strict=True, namespace="default")
+@pytest.mark.parametrize("values_name", sorted(HELM_VALUES))
+def test_lint_strict(values_name: str) -> None:
+    report = helm_python.lint(CHART, HELM_VALUES[values_name], strict=True, namespace="default")
     assert report["errors"] == [], report
     assert [m for m in report["messages"] if m["severity"] > 1] == [], report
 
