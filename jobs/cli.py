@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs = "\n".join(f"  {name:<9} {what}" for name, what in JOBS.items())
         print(f"usage: pai-diffusion JOB [--flag value ...]\n\njobs:\n{jobs}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else BAD_INPUT_EXIT_CODE
-    if argv[0] in DISTRIBUTED_JOBS and (code := relaunch(["-m", "jobs.cli", *argv])) is not None:
-        return code
+    if argv[0] in DISTRIBUTED_JOBS:
+        setup_logging()
+        if (code := relaunch(["-m", "jobs.cli", *argv])) is not None:
+            return code
     return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
 
 

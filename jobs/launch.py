@@ -17,12 +17,15 @@ already runs inside a launcher or one process is all the pod asks for.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from jobs.config import BAD_INPUT_EXIT_CODE, BadInput
+
+log = logging.getLogger(__name__)
 
 # Set by torchrun / accelerate in every process they start: such a process must not launch again.
 LAUNCHED_MARKERS = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "ACCELERATE_USE_CPU")
@@ -159,5 +162,5 @@ def relaunch(target: Sequence[str], env: Mapping[str, str] | None = None) -> int
     if shape.world_size == 1:
         return None
     args, extra_env = accelerate_launch(shape, target)
-    print(f"launching {shape.world_size} processes: accelerate launch {' '.join(args)}", file=sys.stderr, flush=True)
+    log.info("launching %d processes", shape.world_size, extra={"fields": {"accelerate_launch": args}})
     return run_accelerate(args, extra_env)
