@@ -38,8 +38,9 @@ kueue.x-k8s.io/queue-name: {{ . }}
 
 {{/*
 The Job spec every workload shares. Call with (dict "root" $ "component" "finetune" "job" .Values.finetune
-"perIndex" false "gpu" true "env" $envYaml "mounts" (list "data" "cache" ...) "args" (list ...)), and optionally
-"command", "ports" and "subdomain".
+"gpu" true "mounts" (list "data" "cache" "outputs") "args" (list "finetune")) and optionally "perIndex"
+(an Indexed Job whose indexes fail alone), "env" (a list of variables after the model's, before the
+job's `env` map), "command", "ports" and "subdomain".
 */}}
 {{- define "pai-diffusion.jobSpec" -}}
 {{- $root := .root -}}
@@ -103,7 +104,21 @@ template:
         {{- end }}
         args: {{ toJson .args }}
         env:
-          {{- .env | nindent 10 }}
+          - name: HF_HOME
+            value: /cache/huggingface
+          {{- if ne .component "prefetch" }}
+          - name: HF_HUB_OFFLINE  # load the model from the cache that prefetch filled
+            value: "1"
+          {{- end }}
+          - name: MODEL_NAME
+            value: {{ $root.Values.model }}
+          {{- with .env }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+          {{- range $name, $value := $job.env }}
+          - name: {{ $name }}
+            value: {{ $value | toString | quote }}
+          {{- end }}
         {{- with .ports }}
         ports:
           {{- toYaml . | nindent 10 }}
@@ -153,22 +168,4 @@ template:
         emptyDir:
           medium: Memory
           sizeLimit: {{ $job.shmSize }}
-{{- end -}}
-
-{{/* HF_HOME on the cache volume, offline once prefetch has filled it, and the model. */}}
-{{- define "pai-diffusion.hubEnv" -}}
-- name: HF_HOME
-  value: /cache/huggingface
-- name: HF_HUB_OFFLINE
-  value: "1"
-- name: MODEL_NAME
-  value: {{ .Values.model }}
-{{- end -}}
-
-{{/* A job's free-form settings (values: <job>.env), sorted by name. */}}
-{{- define "pai-diffusion.extraEnv" -}}
-{{- range $name, $value := . }}
-- name: {{ $name }}
-  value: {{ $value | toString | quote }}
-{{- end -}}
 {{- end -}}
