@@ -114,10 +114,7 @@ def accelerate_launch(shape: Topology, target: Sequence[str]) -> tuple[list[str]
     args += ["--main_process_port", str(shape.master_port or 0)]
     env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": SHUTDOWN_TIMEOUT_S}
     if shape.cpu:
-        # Both say "CPU processes": the first to Accelerator(), the second to the jobs' own DEVICE
-        # setting, which they pass to PartialState (that ignores the first; `auto` would mean one
-        # process each).
-        env |= {"ACCELERATE_USE_CPU": "true", "DEVICE": "cpu"}
+        env["ACCELERATE_USE_CPU"] = "true"
     return [*args, *target], env
 
 

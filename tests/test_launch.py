@@ -93,7 +93,7 @@ def test_older_pytorchjob_counts_pods() -> None:
 
 def test_cpu_pod_asks_accelerate_for_cpu_processes() -> None:
     args, env = accelerate_launch(topology({"NPROC_PER_NODE": "2"}, 0), TARGET)
-    assert env["ACCELERATE_USE_CPU"] == "true" and env["DEVICE"] == "cpu"
+    assert env["ACCELERATE_USE_CPU"] == "true"
     assert int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 600
     assert args[args.index("--num_processes") + 1] == "2"
 
