@@ -77,11 +77,13 @@ def helm(values_name: str) -> list[Manifest]:
     return copy.deepcopy(list(_helm(values_name)))
 
 
-def renderings() -> dict[str, list[Manifest]]:
-    """Every rendering the tests check, by name."""
-    found = {f"kustomize {d}": copy.deepcopy(list(kustomize(d))) for d in OVERLAYS}
-    found.update({f"helm {name}": helm(name) for name in HELM_VALUES})
-    return found
+RENDERINGS = [f"kustomize {d}" for d in OVERLAYS] + [f"helm {name}" for name in HELM_VALUES]
+
+
+def rendering(name: str) -> list[Manifest]:
+    """One of RENDERINGS, e.g. `kustomize overlays/kueue` or `helm custom`."""
+    tool, which = name.split(" ")
+    return copy.deepcopy(list(kustomize(which))) if tool == "kustomize" else helm(which)
 
 
 def job_specs(manifest: Manifest) -> Iterator[Manifest]:

@@ -14,14 +14,13 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from manifests import REPO, component, kustomize, pods, renderings
+from manifests import RENDERINGS, REPO, component, kustomize, pods, rendering
 
 from jobs.config import LAUNCHER_VARIABLES, FinetuneConfig, GenerateConfig, Img2ImgConfig, JobConfig, LoraConfig
 from jobs.launch import Topology, topology
 
 BIN = Path(sys.executable).parent
-RENDERINGS = renderings()
-ALL = pytest.mark.parametrize("name", sorted(RENDERINGS))
+ALL = pytest.mark.parametrize("name", RENDERINGS)
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 CONFIGS = {
     "generate": GenerateConfig,
@@ -58,9 +57,9 @@ def platform_variables() -> set[str]:
 
 def test_validates_strictly(tmp_path: Path) -> None:
     files = []
-    for name, manifests in RENDERINGS.items():
+    for name in RENDERINGS:
         files.append(tmp_path / f"{name.replace(' ', '-').replace('/', '-')}.yaml")
-        files[-1].write_text(yaml.safe_dump_all(manifests))
+        files[-1].write_text(yaml.safe_dump_all(rendering(name)))
     for version in KUBERNETES_VERSIONS:
         result = subprocess.run(
             [BIN / "kubernetes-validate", "--strict", "--quiet", "-k", version, *files], capture_output=True, text=True
@@ -75,9 +74,10 @@ def test_yamllint() -> None:
 
 @ALL
 def test_every_object_has_the_recommended_labels(name: str) -> None:
-    for manifest in RENDERINGS[name]:
+    manifests = rendering(name)
+    for manifest in manifests:
         assert RECOMMENDED_LABELS <= manifest["metadata"]["labels"].keys(), manifest["metadata"]["name"]
-    for manifest, _, _ in pods(RENDERINGS[name]):
+    for manifest, _, _ in pods(manifests):
         for spec in [manifest["spec"], manifest["spec"].get("jobTemplate", {}).get("spec", {})]:
             if "template" in spec:
                 assert RECOMMENDED_LABELS <= spec["template"]["metadata"]["labels"].keys()
@@ -86,7 +86,7 @@ def test_every_object_has_the_recommended_labels(name: str) -> None:
 @ALL
 def test_every_job_pod_follows_the_rules(name: str) -> None:
     found = set()
-    for manifest, job, pod in pods(RENDERINGS[name]):
+    for manifest, job, pod in pods(rendering(name)):
         what = f"{name}: {manifest['metadata']['name']}"
         found.add(component(manifest))
         [container] = pod["containers"]
@@ -138,7 +138,7 @@ def test_every_job_pod_follows_the_rules(name: str) -> None:
 def test_env_vars_are_settings_of_the_job_or_documented(name: str) -> None:
     platform = platform_variables()
     assert {"HF_HOME", "HF_HUB_OFFLINE", "CONFIG_FILE", "NNODES", "MASTER_ADDR", "PET_NNODES"} <= platform
-    for manifest, _, pod in pods(RENDERINGS[name]):
+    for manifest, _, pod in pods(rendering(name)):
         [container] = pod["containers"]
         known = env_names(CONFIGS[component(manifest)]) | platform
         defined: list[str] = []
@@ -151,16 +151,17 @@ def test_env_vars_are_settings_of_the_job_or_documented(name: str) -> None:
 
 @ALL
 def test_claims_are_shared_and_left_to_the_cluster(name: str) -> None:
-    claims = [m for m in RENDERINGS[name] if m["kind"] == "PersistentVolumeClaim"]
+    manifests = rendering(name)
+    claims = [m for m in manifests if m["kind"] == "PersistentVolumeClaim"]
     for claim in claims:
         assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
         if not name.endswith("custom"):
             assert "storageClassName" not in claim["spec"]
-    [account] = [m for m in RENDERINGS[name] if m["kind"] == "ServiceAccount"]
+    [account] = [m for m in manifests if m["kind"] == "ServiceAccount"]
     assert account["automountServiceAccountToken"] is False
     claimed = {
         v["persistentVolumeClaim"]["claimName"]
-        for _, _, pod in pods(RENDERINGS[name])
+        for _, _, pod in pods(manifests)
         for v in pod["volumes"]
         if "persistentVolumeClaim" in v
     }
@@ -169,7 +170,8 @@ def test_claims_are_shared_and_left_to_the_cluster(name: str) -> None:
 
 @ALL
 def test_nightly_generate_is_sharded_into_its_own_folder(name: str) -> None:
-    [cron] = [m for m in RENDERINGS[name] if m["kind"] == "CronJob"]
+    manifests = rendering(name)
+    [cron] = [m for m in manifests if m["kind"] == "CronJob"]
     spec = cron["spec"]
     assert spec["concurrencyPolicy"] == "Forbid"
     assert spec["timeZone"] and spec["startingDeadlineSeconds"] > 0
@@ -182,7 +184,7 @@ def test_nightly_generate_is_sharded_into_its_own_folder(name: str) -> None:
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
     assert env["OUTPUT_DIR"]["value"].endswith("/$(JOB_NAME)")
     # The prompt list the CronJob mounts exists and is the file PROMPTS_FILE names.
-    [prompts] = [m for m in RENDERINGS[name] if m["kind"] == "ConfigMap"]
+    [prompts] = [m for m in manifests if m["kind"] == "ConfigMap"]
     pod = job["template"]["spec"]
     [volume] = [v for v in pod["volumes"] if "configMap" in v]
     assert volume["configMap"]["name"] == prompts["metadata"]["name"]
@@ -198,10 +200,11 @@ def multinode_jobs(manifests: list[dict]) -> list[dict]:
 @pytest.mark.parametrize("name", ["kustomize overlays/multinode", "helm multinode", "helm custom"])
 def test_multinode_pods_find_node_0_and_launch_every_gpu(name: str) -> None:
     """The Indexed Job's env, read by jobs/launch.py as each pod would, gives nodes x GPUs processes."""
-    [job] = multinode_jobs(RENDERINGS[name])
+    manifests = rendering(name)
+    [job] = multinode_jobs(manifests)
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     assert spec["podReplacementPolicy"] == "Failed" and spec["completions"] == spec["parallelism"]
-    [service] = [m for m in RENDERINGS[name] if m["kind"] == "Service"]
+    [service] = [m for m in manifests if m["kind"] == "Service"]
     assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
     assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": job["metadata"]["name"]}
     container = pod["containers"][0]
@@ -224,8 +227,9 @@ def test_single_node_jobs_launch_every_gpu_of_their_pod() -> None:
 
 @pytest.mark.parametrize("name", ["kustomize overlays/kueue", "helm kueue"])
 def test_kueue_admits_every_job(name: str) -> None:
-    jobs = [m for m in RENDERINGS[name] if m["kind"] == "Job"]
-    jobs += [m["spec"]["jobTemplate"] for m in RENDERINGS[name] if m["kind"] == "CronJob"]
+    manifests = rendering(name)
+    jobs = [m for m in manifests if m["kind"] == "Job"]
+    jobs += [m["spec"]["jobTemplate"] for m in manifests if m["kind"] == "CronJob"]
     assert len(jobs) == 5
     for job in jobs:
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "pai-diffusion"
