@@ -77,10 +77,10 @@ def test_every_object_has_the_recommended_labels(name: str) -> None:
     manifests = rendering(name)
     for manifest in manifests:
         assert RECOMMENDED_LABELS <= manifest["metadata"]["labels"].keys(), manifest["metadata"]["name"]
-    for manifest, _, _ in pods(manifests):
-        for spec in [manifest["spec"], manifest["spec"].get("jobTemplate", {}).get("spec", {})]:
-            if "template" in spec:
-                assert RECOMMENDED_LABELS <= spec["template"]["metadata"]["labels"].keys()
+    for manifest, job, _ in pods(manifests):  # pods, and each night's Job, carry them too
+        assert RECOMMENDED_LABELS <= job["template"]["metadata"]["labels"].keys()
+        if manifest["kind"] == "CronJob":
+            assert RECOMMENDED_LABELS <= manifest["spec"]["jobTemplate"]["metadata"]["labels"].keys()
 
 
 @ALL
