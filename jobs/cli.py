@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -53,14 +54,17 @@ def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[
     """Resolve the configuration, run the job, and map bad input to exit code 2 with one line."""
     setup_logging()
     started = time.perf_counter()
+    is_main_process = os.environ.get("RANK", "0") == "0"  # under a multi-process launcher, say things once
     try:
         config = load(config_cls, argv)
-        print(describe(config), file=sys.stderr, flush=True)
+        if is_main_process:
+            print(describe(config), file=sys.stderr, flush=True)
         job(config)
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return BAD_INPUT_EXIT_CODE
-    log.info("done in %.1f s", time.perf_counter() - started)
+    if is_main_process:
+        log.info("done in %.1f s", time.perf_counter() - started)
     return 0
 
 
