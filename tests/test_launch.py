@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from tiny_dataset import write_dataset
 
 from jobs.config import BadInput
 from jobs.launch import Topology, accelerate_launch, inside_launcher, topology
@@ -124,19 +125,24 @@ def test_processes_started_by_a_launcher_do_not_launch_again() -> None:
 PROBE = str(REPO / "tests" / "launch_probe.py")
 
 
-def start(out: Path, *probe_args: str, **env: object) -> subprocess.Popen:
-    """`relaunch` of the probe in a fresh process, with no launcher variable from this one, on CPU."""
+def start(command: list[str | Path], **env: object) -> subprocess.Popen:
+    """`command` in a fresh process, with no launcher variable from this one, on CPU."""
     launcher = {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NPROC_PER_NODE"}
     clean = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(("PET_", "ACCELERATE_"))}
-    code = "import sys; from jobs.launch import relaunch; sys.exit(relaunch(sys.argv[1:]))"
     return subprocess.Popen(
-        [sys.executable, "-c", code, PROBE, str(out), *probe_args],
+        [str(part) for part in command],
         env={**clean, "CUDA_VISIBLE_DEVICES": "", **{k: str(v) for k, v in env.items()}},
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def probe(out: Path, *probe_args: str, **env: object) -> subprocess.Popen:
+    """`relaunch` of tests/launch_probe.py, as the training jobs call it."""
+    code = "import sys; from jobs.launch import relaunch; sys.exit(relaunch(sys.argv[1:]))"
+    return start([sys.executable, "-c", code, PROBE, out, *probe_args], **env)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
@@ -149,7 +155,7 @@ def reports(out: Path) -> list[dict]:
 
 
 def test_two_cpu_processes_in_one_pod(tmp_path: Path) -> None:
-    code, output = finish(start(tmp_path, NPROC_PER_NODE=2))
+    code, output = finish(probe(tmp_path, NPROC_PER_NODE=2))
     assert code == 0, output[-3000:]
     assert reports(tmp_path) == [
         {"rank": r, "world_size": 2, "distributed_type": "MULTI_CPU", "all_reduce": 2.0} for r in (0, 1)
@@ -162,21 +168,21 @@ def test_two_nodes_of_an_indexed_job(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rendezvous = {"NNODES": 2, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-    nodes = [start(tmp_path, JOB_COMPLETION_INDEX=i, **rendezvous) for i in (0, 1)]
+    nodes = [probe(tmp_path, JOB_COMPLETION_INDEX=i, **rendezvous) for i in (0, 1)]
     results = [finish(node) for node in nodes]
     assert [code for code, _ in results] == [0, 0], results
     assert [(r["rank"], r["world_size"]) for r in reports(tmp_path)] == [(0, 2), (1, 2)]
 
 
 def test_bad_input_in_a_worker_keeps_exit_code_2(tmp_path: Path) -> None:
-    code, output = finish(start(tmp_path, "2", NPROC_PER_NODE=2))
+    code, output = finish(probe(tmp_path, "2", NPROC_PER_NODE=2))
     assert code == 2, output[-3000:]
     assert "exit codes [2]" in output
 
 
 def test_sigterm_reaches_every_process_and_is_waited_for(tmp_path: Path) -> None:
     """Kubernetes signals only the launcher (PID 1); each process must get time to save a checkpoint."""
-    launcher = start(tmp_path, "sigterm", NPROC_PER_NODE=2)
+    launcher = probe(tmp_path, "sigterm", NPROC_PER_NODE=2)
     deadline = time.monotonic() + 60
     while len(reports(tmp_path)) < 2 and launcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -184,3 +190,21 @@ def test_sigterm_reaches_every_process_and_is_waited_for(tmp_path: Path) -> None
     code, output = finish(launcher)
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert sorted(p.name for p in tmp_path.glob("*.stopped")) == ["rank-0.stopped", "rank-1.stopped"], output[-3000:]
+
+
+def test_lora_job_runs_two_cpu_processes_when_the_pod_asks(tmp_path: Path, tiny_model: Path) -> None:
+    """`pai-diffusion lora` configured by env vars, as in a pod, with NPROC_PER_NODE=2: one run, two ranks."""
+    output = tmp_path / "lora"
+    settings = {"RESOLUTION": 32, "TRAIN_BATCH_SIZE": 1, "MAX_TRAIN_STEPS": 2, "CHECKPOINTING_STEPS": 2}
+    settings |= {"LR_WARMUP_STEPS": 0, "REPORT_TO": "none", "NPROC_PER_NODE": 2}
+    job = [Path(sys.executable).parent / "pai-diffusion", "lora"]
+    dataset = write_dataset(tmp_path / "data")
+    code, log = finish(start(job, MODEL_NAME=tiny_model, TRAIN_DIR=dataset, OUTPUT_DIR=output, **settings))
+    assert code == 0, log[-3000:]
+    assert '"message": "launching 2 processes"' in log and '"processes": 2' in log
+    assert log.count('"message": "saved"') == 1
+    assert {p.name for p in (output / "checkpoint-2").glob("random_states_*")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert (output / "pytorch_lora_weights.safetensors").is_file()
