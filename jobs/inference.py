@@ -67,7 +67,7 @@ def run(config: InferenceConfig) -> Summary:
 
     manifest = outputs.Manifest(config.output_dir, config.shard_index)
     mine = shard_of(work.items, config.shard_index, config.num_shards)
-    recover_unlisted(mine, manifest, config.output_dir)
+    recover(mine, manifest, config.output_dir)
     if config.shard_index == 0:
         list_skipped(work, manifest)
     todo = [item for item in mine if not (config.output_dir / f"{item.id}.png").exists()]
@@ -210,8 +210,9 @@ def image_record(item: WorkItem, settings: Settings, image: Image.Image, seconds
     return record
 
 
-def recover_unlisted(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path) -> None:
+def recover(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path) -> None:
     """Put back the manifest lines of PNGs that a kill left unlisted, from the PNGs' own records."""
+    outputs.remove_temporaries(output_dir, {f"{item.id}.png" for item in items})
     listed = manifest.ids()
     for item in items:
         path = output_dir / f"{item.id}.png"

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -38,13 +39,20 @@ def check_writable(folder: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: temporary name in the same folder, fsync, rename."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as file:
+    """Write a whole file or nothing: a unique temporary name in the same folder, fsync, rename."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(descriptor, "wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
     os.replace(temporary, path)
+
+
+def remove_temporaries(folder: Path, names: set[str]) -> None:
+    """Delete what a killed `atomic_write` of one of `names` left behind (the caller owns those names)."""
+    for temporary in folder.glob(".*.tmp"):
+        if temporary.name[1:].rsplit(".", 2)[0] in names:
+            temporary.unlink(missing_ok=True)
 
 
 def png_with_record(image: Image.Image, record: dict[str, Any]) -> bytes:
