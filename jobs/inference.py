@@ -57,10 +57,10 @@ def run(config: InferenceConfig) -> Summary:
     started = time.perf_counter()
     img2img = isinstance(config, Img2ImgConfig)
     job = "img2img" if img2img else "generate"
-    work = plan(config)
     steps = config.num_inference_steps or models.SCHEDULERS[config.scheduler][2]
     if img2img and int(steps * config.strength) < 1:
         raise BadInput(f"STRENGTH {config.strength} with {steps} steps runs no denoising step: raise either")
+    work = plan(config)
     outputs.check_writable(config.output_dir)
     models.check_model_source(config)
     lora = models.read_lora(config.lora_path) if config.lora_path else None

@@ -152,7 +152,9 @@ def check_image(path: Path, where: str) -> None:
             image.verify()
     except FileNotFoundError:
         raise BadInput(f"{where}: image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except UnidentifiedImageError:
+        raise BadInput(f"{where}: image {path}: not a readable image") from None
+    except (OSError, SyntaxError) as error:
         raise BadInput(f"{where}: image {path}: not a readable image ({error})") from None
 
 
