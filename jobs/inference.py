@@ -41,78 +41,74 @@ class Settings:
     lora_scale: float | None
 
 
-@dataclass(frozen=True)
-class Summary:
-    images: int
-    seconds: float
-    skipped_records: int
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
-
-def run(config: InferenceConfig) -> Summary:
-    """Render this shard's unfinished items into OUTPUT_DIR and refresh the gallery."""
+def run(config: InferenceConfig) -> None:
+    """Render this shard's unfinished items into OUTPUT_DIR, refresh the gallery, log a summary."""
     started = time.perf_counter()
-    img2img = isinstance(config, Img2ImgConfig)
-    job = "img2img" if img2img else "generate"
+    job = "img2img" if isinstance(config, Img2ImgConfig) else "generate"
+    work, steps, lora = check_inputs(config)
+    manifest = outputs.Manifest(config.output_dir, config.shard_index)
+    mine = shard_of(work.items, config.shard_index, config.num_shards)
+    todo = unfinished(mine, work, manifest, config)
+    log.info("work", extra={"fields": {"items": len(work.items), "shard": len(mine), "to_render": len(todo)}})
+    if todo:
+        pipe, settings = prepare_pipeline(config, job, steps, lora)
+        # Batching pays on a GPU. On a CPU it is no faster, and BLAS picks different kernels for
+        # different row counts, which would make an image's last bits depend on its batch.
+        batch_size = config.batch_size if pipe.device.type != "cpu" else 1
+        render_all(pipe, todo, settings, batch_size, manifest, config.output_dir, len(mine))
+    gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {job}: {config.output_dir.name}")
+    seconds = time.perf_counter() - started
+    summary = f"{job}: {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s); gallery {gallery}"
+    fields = {"images": len(todo), "seconds": round(seconds, 2), "skipped_records": len(work.skipped)}
+    log.info(summary, extra={"fields": fields})
+
+
+def check_inputs(config: InferenceConfig) -> tuple[Work, int, dict[str, torch.Tensor] | None]:
+    """Everything that can be wrong with the input, checked before the model is loaded (BadInput)."""
     steps = config.num_inference_steps or models.SCHEDULERS[config.scheduler][2]
-    if img2img and int(steps * config.strength) < 1:
+    if isinstance(config, Img2ImgConfig) and int(steps * config.strength) < 1:
         raise BadInput(f"STRENGTH {config.strength} with {steps} steps runs no denoising step: raise either")
     work = plan(config)
     outputs.check_writable(config.output_dir)
     models.check_model_source(config)
     lora = models.read_lora(config.lora_path) if config.lora_path else None
+    return work, steps, lora
 
-    manifest = outputs.Manifest(config.output_dir, config.shard_index)
-    mine = shard_of(work.items, config.shard_index, config.num_shards)
+
+def unfinished(mine: list[WorkItem], work: Work, manifest: outputs.Manifest, config: InferenceConfig) -> list[WorkItem]:
+    """This shard's items without a PNG, after repairing what a kill may have left."""
     recover(mine, manifest, config.output_dir)
-    if config.shard_index == 0:
+    if config.shard_index == 0:  # every shard reads the same prompts; one lists the skipped records
         list_skipped(work, manifest)
-    todo = [item for item in mine if not (config.output_dir / f"{item.id}.png").exists()]
-    log.info(
-        "work",
-        extra={"fields": {"items": len(work.items), "shard": len(mine), "finished": len(mine) - len(todo)}},
+    return [item for item in mine if not (config.output_dir / f"{item.id}.png").exists()]
+
+
+def prepare_pipeline(
+    config: InferenceConfig, job: str, steps: int, lora: dict[str, torch.Tensor] | None
+) -> tuple[DiffusionPipeline, Settings]:
+    device = models.resolve_device(config.device)
+    dtype = models.resolve_dtype(config.dtype, device)
+    img2img = job == "img2img"
+    pipeline_cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+    pipe = models.load_pipeline(config, pipeline_cls, device, dtype, config.safety_checker)
+    models.set_scheduler(pipe, config.scheduler)
+    if lora is not None:
+        models.apply_lora(pipe, lora, config.lora_scale, str(config.lora_path))
+    if config.compile:
+        pipe.unet = torch.compile(pipe.unet)
+    resolution = models.default_resolution(config, pipe)
+    settings = Settings(
+        job=job,
+        model=config.pretrained_model_name_or_path,
+        scheduler=config.scheduler,
+        steps=steps,
+        width=config.width or resolution,
+        height=config.height or resolution,
+        strength=config.strength if img2img else None,  # type: ignore[attr-defined]
+        lora=str(config.lora_path) if config.lora_path else None,
+        lora_scale=config.lora_scale if config.lora_path else None,
     )
-    if todo:
-        device = models.resolve_device(config.device)
-        dtype = models.resolve_dtype(config.dtype, device)
-        pipeline_cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-        pipe = models.load_pipeline(config, pipeline_cls, device, dtype, config.safety_checker)
-        models.set_scheduler(pipe, config.scheduler)
-        if lora is not None:
-            models.apply_lora(pipe, lora, config.lora_scale, str(config.lora_path))
-        if config.compile:
-            pipe.unet = torch.compile(pipe.unet)
-        resolution = models.default_resolution(config, pipe)
-        settings = Settings(
-            job=job,
-            model=config.pretrained_model_name_or_path,
-            scheduler=config.scheduler,
-            steps=steps,
-            width=config.width or resolution,
-            height=config.height or resolution,
-            strength=config.strength if img2img else None,
-            lora=str(config.lora_path) if config.lora_path else None,
-            lora_scale=config.lora_scale if config.lora_path else None,
-        )
-        # Batching pays on a GPU. On a CPU it is no faster, and BLAS picks different kernels for
-        # different row counts, which would make an image's last bits depend on its batch.
-        batch_size = config.batch_size if device.type != "cpu" else 1
-        render_all(pipe, todo, settings, batch_size, manifest, config.output_dir, len(mine))
-    gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {job}: {config.output_dir.name}")
-    summary = Summary(len(todo), time.perf_counter() - started, len(work.skipped))
-    log.info(
-        "%s: %d images in %.1f s (%.2f images/s), gallery %s",
-        job,
-        summary.images,
-        summary.seconds,
-        summary.images_per_second,
-        gallery,
-        extra={"fields": {"images": summary.images, "seconds": round(summary.seconds, 2)}},
-    )
-    return summary
+    return pipe, settings
 
 
 def render_all(
@@ -128,10 +124,10 @@ def render_all(
     try:
         for batch in batches(items, batch_size, settings):
             batch_started = time.perf_counter()
-            images = render(pipe, batch, settings, batch_size)
+            images, flagged = render(pipe, batch, settings, batch_size)
             seconds = round((time.perf_counter() - batch_started) / len(batch), 3)
-            for item, image in zip(batch, images, strict=True):
-                record = image_record(item, settings, image, seconds)
+            for item, image, nsfw in zip(batch, images, flagged, strict=True):
+                record = image_record(item, settings, image, nsfw, seconds)
                 outputs.atomic_write(output_dir / record["file"], outputs.png_with_record(image, record))
                 manifest.append(record)
             progress.update(len(batch))
@@ -148,9 +144,14 @@ def batches(items: list[WorkItem], batch_size: int, settings: Settings) -> list[
     return result
 
 
-def render(pipe: DiffusionPipeline, batch: list[WorkItem], settings: Settings, batch_size: int) -> list[Image.Image]:
-    """One forward pass. Every image has its own CPU generator, so its noise does not depend on its batch;
-    a short batch is padded to `batch_size` so every pass has the same shape (hence the same kernels)."""
+def render(
+    pipe: DiffusionPipeline, batch: list[WorkItem], settings: Settings, batch_size: int
+) -> tuple[list[Image.Image], list[bool]]:
+    """One forward pass: the images, and whether the safety checker blacked each out.
+
+    Every image has its own generator (on the CPU, so that a GPU draws the same noise), so its noise
+    does not depend on its batch; a short batch is padded to `batch_size` so every pass has the same
+    shape, hence the same kernels."""
     padded = batch + [batch[-1]] * (batch_size - len(batch))
     arguments: dict[str, Any] = {
         "prompt": [item.prompt for item in padded],
@@ -163,7 +164,9 @@ def render(pipe: DiffusionPipeline, batch: list[WorkItem], settings: Settings, b
         arguments.update(width=settings.width, height=settings.height)
     else:
         arguments.update(image=[fit_image(item.image, settings) for item in padded], strength=settings.strength)
-    return pipe(**arguments).images[: len(batch)]
+    result = pipe(**arguments)
+    flagged = result.nsfw_content_detected or [False] * len(padded)  # None without a safety checker
+    return result.images[: len(batch)], flagged[: len(batch)]
 
 
 def input_size(item: WorkItem, settings: Settings) -> tuple[int, int]:
@@ -186,7 +189,7 @@ def fit_image(path: Path | None, settings: Settings) -> Image.Image:
     return image.resize(fitted_size(image.size, (settings.width, settings.height)), Image.Resampling.LANCZOS)
 
 
-def image_record(item: WorkItem, settings: Settings, image: Image.Image, seconds: float) -> dict[str, Any]:
+def image_record(item: WorkItem, settings: Settings, image: Image.Image, nsfw: bool, seconds: float) -> dict[str, Any]:
     """The manifest line of one image, also embedded in its PNG."""
     record = {
         "id": item.id,
@@ -203,6 +206,7 @@ def image_record(item: WorkItem, settings: Settings, image: Image.Image, seconds
         "lora_scale": settings.lora_scale,
         "width": image.width,
         "height": image.height,
+        "nsfw_filtered": bool(nsfw),
         "seconds": seconds,
     }
     if item.image is not None:
@@ -211,7 +215,8 @@ def image_record(item: WorkItem, settings: Settings, image: Image.Image, seconds
 
 
 def recover(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path) -> None:
-    """Put back the manifest lines of PNGs that a kill left unlisted, from the PNGs' own records."""
+    """Repair after a kill: drop half-written temporaries, and put back the manifest lines of PNGs
+    that were renamed into place but not yet listed, from the records embedded in them."""
     outputs.remove_temporaries(output_dir, {f"{item.id}.png" for item in items})
     listed = manifest.ids()
     for item in items:
@@ -227,6 +232,7 @@ def recover(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path)
 
 
 def list_skipped(work: Work, manifest: outputs.Manifest) -> None:
+    """SKIP_INVALID: name each skipped record in the manifest once, and in the log every run."""
     listed = {record["skipped"] for record in manifest.records if "skipped" in record}
     for skipped in work.skipped:
         if skipped.where not in listed:

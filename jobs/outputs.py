@@ -135,6 +135,8 @@ def write_gallery(output_dir: Path, title: str) -> Path:
 
 def _card(record: dict[str, Any]) -> str:
     details = f"seed {record['seed']} · {record['scheduler']} {record['steps']} steps · cfg {record['guidance_scale']}"
+    if record.get("nsfw_filtered"):
+        details += " · blacked out by the safety checker"
     if record.get("lora"):
         details += f" · LoRA {record['lora']} × {record['lora_scale']}"
     negative = record.get("negative_prompt")

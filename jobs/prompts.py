@@ -40,11 +40,11 @@ class PromptRecord(BaseModel):
 
 @dataclass(frozen=True)
 class Source:
-    """One record as read, before it is checked: a dict, or a JSON line still to parse."""
+    """One record as read, before it is checked, so that a bad one can be skipped on its own."""
 
     where: str  # e.g. "prompts.jsonl line 3", for error messages
     default_id: str  # the id of its items when the record has no `id`
-    data: dict[str, Any] | str
+    data: Any  # a parsed record, or a JSON line still to parse
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,11 @@ def _check_record(source: Source, config: InferenceConfig) -> PromptRecord:
     if record.image is not None:
         if not record.image.is_absolute() and config.prompts_file is not None:
             record = record.model_copy(update={"image": config.prompts_file.parent / record.image})
-        check_image(record.image, source.where)
+        _check_image(record.image, source.where)
     return record
 
 
-def check_image(path: Path, where: str) -> None:
+def _check_image(path: Path, where: str) -> None:
     """Open and verify an input image now, so a bad one fails before the model is loaded."""
     try:
         with Image.open(path) as image:
@@ -190,7 +190,9 @@ def _yaml_sources(path: Path, text: str) -> list[Source]:
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else []
+        if node is None:
+            return []
+        data = loader.construct_document(node)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -199,8 +199,8 @@ def test_batched_forward_pass_keeps_items_in_order(tiny_model):
     items = [
         WorkItem(f"{k}", prompt, None, seed=k, guidance_scale=7.5, image=None) for k, prompt in enumerate(PROMPTS[:2])
     ]
-    batched = render(pipe, items, settings, batch_size=3)
-    alone = [render(pipe, [item], settings, batch_size=1)[0] for item in items]
+    batched, _ = render(pipe, items, settings, batch_size=3)
+    alone = [render(pipe, [item], settings, batch_size=1)[0][0] for item in items]
     assert len(batched) == 2
     for together, single in zip(batched, alone, strict=True):
         difference = np.abs(np.asarray(together, dtype=int) - np.asarray(single, dtype=int))
