@@ -218,7 +218,7 @@ def recover(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path)
     """Repair after a kill: drop half-written temporaries, and put back the manifest lines of PNGs
     that were renamed into place but not yet listed, from the records embedded in them."""
     outputs.remove_temporaries(output_dir, {f"{item.id}.png" for item in items})
-    listed = manifest.ids()
+    listed = outputs.listed_ids(output_dir)
     for item in items:
         path = output_dir / f"{item.id}.png"
         if item.id in listed or not path.exists():

@@ -90,9 +90,6 @@ class Manifest:
             os.fsync(file.fileno())
         self.records.append(record)
 
-    def ids(self) -> set[str]:
-        return {record["id"] for record in self.records if "id" in record}
-
     def _drop_torn_last_line(self) -> None:
         """A kill mid-append leaves a partial last line: cut it, its PNG will be recovered."""
         if not self.path.exists():
@@ -102,10 +99,17 @@ class Manifest:
             os.truncate(self.path, data.rfind(b"\n") + 1)
 
 
+def listed_ids(output_dir: Path) -> set[str]:
+    """Ids of the images in any shard's manifest (an earlier run may have had another shard layout)."""
+    return {r["id"] for path in output_dir.glob(MANIFEST_GLOB) for r in read_records(path) if "id" in r}
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
+    """A manifest's whole lines; a last line without its newline is still being written (or was torn)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    complete_lines = path.read_bytes().split(b"\n")[:-1]  # bytes: a torn line may end mid-character
+    return [json.loads(line) for line in complete_lines if line.strip()]
 
 
 def write_gallery(output_dir: Path, title: str) -> Path:

@@ -109,6 +109,23 @@ def test_shard_index_defaults_to_the_indexed_job_completion_index(cli, tiny_mode
     assert sorted(r["id"] for r in manifest_records(out)) == ["00002-0", "00004-0"]  # items 1 and 3
 
 
+def test_a_new_shard_layout_renders_only_what_is_missing(cli, tiny_model, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]), encoding="utf-8")
+    out = tmp_path / "out"
+    common = dict(MODEL_NAME=tiny_model, PROMPTS_FILE=prompts, OUTPUT_DIR=out, **FAST)
+    assert cli("generate", NUM_SHARDS=2, SHARD_INDEX=1, **common) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert len(first) == 2
+    assert cli("generate", NUM_SHARDS=3, SHARD_INDEX=0, **common) == 0
+    assert cli("generate", **common) == 0
+    assert {
+        name: mtime for name, mtime in ((p.name, p.stat().st_mtime_ns) for p in out.glob("*.png")) if name in first
+    } == first
+    ids = [r["id"] for r in manifest_records(out)]
+    assert sorted(ids) == ["00001-0", "00002-0", "00003-0", "00004-0"]
+
+
 def test_record_fields_override_the_job_defaults(cli, tiny_model, tmp_path):
     records = [
         {
