@@ -86,6 +86,7 @@ def unfinished(mine: list[WorkItem], work: Work, manifest: outputs.Manifest, con
 def prepare_pipeline(
     config: InferenceConfig, job: str, steps: int, lora: dict[str, torch.Tensor] | None
 ) -> tuple[DiffusionPipeline, Settings]:
+    """Load the model once, with its sampler and LoRA, and fix what every image of the run shares."""
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     img2img = job == "img2img"
@@ -120,6 +121,7 @@ def render_all(
     output_dir: Path,
     shard_size: int,
 ) -> None:
+    """Render batch after batch; each image is on disk and in the manifest before the next batch starts."""
     progress = Progress(total=shard_size, unit="image", initial=shard_size - len(items))
     try:
         for batch in batches(items, batch_size, settings):
