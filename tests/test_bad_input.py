@@ -38,63 +38,63 @@ def not_an_image(tmp_path):
 
 CASES = {
     # name: (job, env builder, words the message must contain)
-    "no prompt": ("generate", lambda t, m: {}, ["PROMPT"]),
-    "empty prompts file": ("generate", lambda t, m: {"PROMPTS_FILE": write(t / "p.txt", "\n\n")}, ["no prompts"]),
+    "no prompt": ("generate", lambda t: {}, ["PROMPT"]),
+    "empty prompts file": ("generate", lambda t: {"PROMPTS_FILE": write(t / "p.txt", "\n\n")}, ["no prompts"]),
     "bad json line": (
         "generate",
-        lambda t, m: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫"}\n{"prompt": 狗}\n')},
+        lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫"}\n{"prompt": 狗}\n')},
         ["p.jsonl line 2", "JSON"],
     ),
     "record without prompt": (
         "generate",
-        lambda t, m: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫"}\n\n{"seed": 1}\n')},
+        lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫"}\n\n{"seed": 1}\n')},
         ["line 3", "prompt"],
     ),
     "unknown record field": (
         "generate",
-        lambda t, m: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "sead": 1}\n')},
+        lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "sead": 1}\n')},
         ["line 1", "sead"],
     ),
-    "bad yaml": ("generate", lambda t, m: {"PROMPTS_FILE": write(t / "p.yaml", "- 猫\n- [狗\n")}, ["p.yaml", "YAML"]),
-    "unknown prompts format": ("generate", lambda t, m: {"PROMPTS_FILE": write(t / "p.csv", "猫")}, ["p.csv"]),
-    "missing prompts file": ("generate", lambda t, m: {"PROMPTS_FILE": t / "nope.txt"}, ["nope.txt"]),
-    "unknown scheduler": ("generate", lambda t, m: {"PROMPT": "猫", "SCHEDULER": "lms"}, ["SCHEDULER"]),
-    "zero batch size": ("generate", lambda t, m: {"PROMPT": "猫", "BATCH_SIZE": 0}, ["BATCH_SIZE"]),
+    "bad yaml": ("generate", lambda t: {"PROMPTS_FILE": write(t / "p.yaml", "- 猫\n- [狗\n")}, ["p.yaml", "YAML"]),
+    "unknown prompts format": ("generate", lambda t: {"PROMPTS_FILE": write(t / "p.csv", "猫")}, ["p.csv"]),
+    "missing prompts file": ("generate", lambda t: {"PROMPTS_FILE": t / "nope.txt"}, ["nope.txt"]),
+    "unknown scheduler": ("generate", lambda t: {"PROMPT": "猫", "SCHEDULER": "lms"}, ["SCHEDULER"]),
+    "zero batch size": ("generate", lambda t: {"PROMPT": "猫", "BATCH_SIZE": 0}, ["BATCH_SIZE"]),
     "shard out of range": (
         "generate",
-        lambda t, m: {"PROMPT": "猫", "NUM_SHARDS": 2, "SHARD_INDEX": 2},
+        lambda t: {"PROMPT": "猫", "NUM_SHARDS": 2, "SHARD_INDEX": 2},
         ["shard_index"],
     ),
-    "height not a multiple of 8": ("generate", lambda t, m: {"PROMPT": "猫", "HEIGHT": 30}, ["HEIGHT"]),
+    "height not a multiple of 8": ("generate", lambda t: {"PROMPT": "猫", "HEIGHT": 30}, ["HEIGHT"]),
     "unwritable output dir": (
         "generate",
-        lambda t, m: {"PROMPT": "猫", "OUTPUT_DIR": write(t / "a-file", "") / "out"},
+        lambda t: {"PROMPT": "猫", "OUTPUT_DIR": write(t / "a-file", "") / "out"},
         ["OUTPUT_DIR", "not writable"],
     ),
-    "missing model folder": ("generate", lambda t, m: {"PROMPT": "猫", "MODEL_NAME": t / "no-model"}, ["no-model"]),
-    "missing lora": ("generate", lambda t, m: {"PROMPT": "猫", "LORA_PATH": t / "lora"}, ["LORA_PATH"]),
+    "missing model folder": ("generate", lambda t: {"PROMPT": "猫", "MODEL_NAME": t / "no-model"}, ["no-model"]),
+    "missing lora": ("generate", lambda t: {"PROMPT": "猫", "LORA_PATH": t / "lora"}, ["LORA_PATH"]),
     "image in a generate record": (
         "generate",
-        lambda t, m: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "image": "x.png"}\n')},
+        lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "image": "x.png"}\n')},
         ["img2img"],
     ),
-    "strength out of range": ("img2img", lambda t, m: {"INPUT_DIR": t, "PROMPT": "猫", "STRENGTH": 1.5}, ["STRENGTH"]),
+    "strength out of range": ("img2img", lambda t: {"INPUT_DIR": t, "PROMPT": "猫", "STRENGTH": 1.5}, ["STRENGTH"]),
     "strength runs no step": (
         "img2img",
-        lambda t, m: {"INPUT_DIR": not_an_image(t).parent, "PROMPT": "猫", "STRENGTH": 0.01, "NUM_INFERENCE_STEPS": 10},
+        lambda t: {"INPUT_DIR": not_an_image(t).parent, "PROMPT": "猫", "STRENGTH": 0.01, "NUM_INFERENCE_STEPS": 10},
         ["STRENGTH"],
     ),
-    "no input images": ("img2img", lambda t, m: {"PROMPT": "猫"}, ["INPUT_DIR"]),
-    "missing input dir": ("img2img", lambda t, m: {"INPUT_DIR": t / "nope", "PROMPT": "猫"}, ["nope"]),
-    "input dir without images": ("img2img", lambda t, m: {"INPUT_DIR": t, "PROMPT": "猫"}, ["no images"]),
+    "no input images": ("img2img", lambda t: {"PROMPT": "猫"}, ["INPUT_DIR"]),
+    "missing input dir": ("img2img", lambda t: {"INPUT_DIR": t / "nope", "PROMPT": "猫"}, ["nope"]),
+    "input dir without images": ("img2img", lambda t: {"INPUT_DIR": t, "PROMPT": "猫"}, ["no images"]),
     "input that is not an image": (
         "img2img",
-        lambda t, m: {"INPUT_DIR": not_an_image(t).parent, "PROMPT": "猫"},
+        lambda t: {"INPUT_DIR": not_an_image(t).parent, "PROMPT": "猫"},
         ["fake.png", "not a readable image"],
     ),
     "record naming a missing image": (
         "img2img",
-        lambda t, m: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "image": "gone.png"}\n')},
+        lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "image": "gone.png"}\n')},
         ["line 1", "gone.png"],
     ),
 }
@@ -103,7 +103,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_exits_2_with_one_line(cli, capsys, tmp_path, unloadable_model, case):
     job, env, words = CASES[case]
-    settings = {"MODEL_NAME": unloadable_model, "OUTPUT_DIR": tmp_path / "out", **env(tmp_path, unloadable_model)}
+    settings = {"MODEL_NAME": unloadable_model, "OUTPUT_DIR": tmp_path / "out", **env(tmp_path)}
     assert cli(job, **settings) == 2
     line = error_line(capsys)
     for word in words:
