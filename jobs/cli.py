@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from jobs.config import BAD_INPUT_EXIT_CODE, BadInput, JobConfig, describe, load
+from jobs.launch import relaunch
 
 JOBS = {
     "generate": "text to image",
@@ -19,6 +20,8 @@ JOBS = {
     "finetune": "full UNet fine-tuning",
     "lora": "LoRA fine-tuning",
 }
+# Jobs that run on every GPU of the pod (and on several pods) through jobs/launch.py.
+DISTRIBUTED_JOBS = ("finetune", "lora")
 
 log = logging.getLogger("jobs")
 Config = TypeVar("Config", bound=JobConfig)
@@ -71,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs = "\n".join(f"  {name:<9} {what}" for name, what in JOBS.items())
         print(f"usage: pai-diffusion JOB [--flag value ...]\n\njobs:\n{jobs}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else BAD_INPUT_EXIT_CODE
+    if argv[0] in DISTRIBUTED_JOBS:
+        setup_logging()
+        if (code := relaunch(["-m", "jobs.cli", *argv])) is not None:
+            return code
     return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
 
 

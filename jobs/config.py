@@ -77,9 +77,7 @@ class InferenceConfig(JobConfig):
     """Options shared by `generate` and `img2img`: the prompts, the sampler and the batch runner."""
 
     output_dir: Path = Field(Path("outputs"), description="Where images, manifests and the gallery go.")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: fp16 on CUDA, fp32 elsewhere."
-    )
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere.")
     prompt: str | None = Field(None, description="One prompt (or use --prompts_file).")
     prompts_file: Path | None = Field(None, description=".txt (one prompt a line), .jsonl or .yaml records.")
     negative_prompt: str | None = Field(None, description="Default negative prompt.")
@@ -103,7 +101,9 @@ class InferenceConfig(JobConfig):
     lora_path: Path | None = Field(None, description="LoRA folder or file (diffusers/PEFT or legacy PAI).")
     lora_scale: float = Field(1.0, ge=-10.0, le=10.0)
     safety_checker: bool = Field(True, description="Keep the model's safety checker when it has one.")
-    skip_invalid: bool = Field(False, description="Skip bad prompt records (listed in the manifest) instead of failing.")
+    skip_invalid: bool = Field(
+        False, description="Skip bad prompt records (listed in the manifest) instead of failing."
+    )
     compile: bool = Field(False, description="torch.compile the UNet (pays off on long CUDA runs).")
 
     @model_validator(mode="after")

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
+import diffusers
+import safetensors.torch
 import torch
+import transformers
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
@@ -76,9 +80,7 @@ def check_model_source(config: JobConfig) -> None:
     except HFValidationError:
         raise BadInput(f"model {name}: no such folder, and not a hub id") from None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        cached = try_to_load_from_cache(
-            name, "model_index.json", cache_dir=config.cache_dir, revision=config.revision
-        )
+        cached = try_to_load_from_cache(name, "model_index.json", cache_dir=config.cache_dir, revision=config.revision)
         if not isinstance(cached, str):
             raise BadInput(f"model {name} is not in the cache and HF_HUB_OFFLINE is set: prefetch it first")
 
@@ -95,6 +97,9 @@ def load_pipeline(
     if not safety_checker:
         kwargs = {"safety_checker": None, "requires_safety_checker": False}
     token = config.hf_token.get_secret_value() if config.hf_token else None
+    # Per-component loading bars are noise in a job's log; hub download bars are not affected.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     with warnings.catch_warnings():
         # diffusers warns at length when the safety checker is turned off on purpose.
         warnings.simplefilter("ignore", FutureWarning)
@@ -124,3 +129,60 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> int:
     scheduler_cls, extra, default_steps = SCHEDULERS[name]
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, **extra)
     return default_steps
+
+
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+
+# Old diffusers attention-processor LoRA keys, as in the PAI LoRAs:
+# down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight
+LEGACY_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight$"
+)
+
+
+def read_lora(path: Path) -> dict[str, torch.Tensor]:
+    """Read a LoRA file (or the folder holding one) into a PEFT-style state dict, before any model loads.
+
+    Legacy PAI files are converted: `<module>.processor.to_q_lora.down.weight` becomes
+    `unet.<module>.to_q.lora_A.weight` (`up` is `lora_B`, `to_out` is `to_out.0`).
+    """
+    if path.is_dir():
+        files = [path / name for name in LORA_WEIGHT_NAMES if (path / name).is_file()]
+        if not files:
+            raise BadInput(f"LORA_PATH {path}: no {' or '.join(LORA_WEIGHT_NAMES)} in this folder")
+        path = files[0]
+    elif not path.is_file():
+        raise BadInput(f"LORA_PATH {path}: no such file or folder")
+    try:
+        if path.suffix == ".safetensors":
+            state_dict = safetensors.torch.load_file(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file is the same bad input
+        raise BadInput(f"LORA_PATH {path}: cannot read LoRA weights ({error})") from None
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise BadInput(f"LORA_PATH {path}: no weights in it")
+    if all(LEGACY_LORA_KEY.match(key) for key in state_dict):
+        state_dict = {_convert_legacy_key(key): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _convert_legacy_key(key: str) -> str:
+    match = LEGACY_LORA_KEY.match(key)
+    assert match is not None
+    proj = "to_out.0" if match["proj"] == "to_out" else match["proj"]
+    side = "lora_A" if match["side"] == "down" else "lora_B"
+    return f"unet.{match['module']}.{proj}.{side}.weight"
+
+
+def apply_lora(pipe: DiffusionPipeline, state_dict: dict[str, torch.Tensor], scale: float, name: str) -> None:
+    """Load a LoRA and fuse it into the weights at `scale`; a LoRA that changes no layer is an error."""
+    try:
+        pipe.load_lora_weights(dict(state_dict), adapter_name="lora")
+    except Exception as error:  # whatever a foreign file makes diffusers raise, it is bad input
+        raise BadInput(f"LORA_PATH {name}: does not fit this model ({str(error).splitlines()[0]})") from None
+    adapted = sum(len(adapters) for adapters in pipe.get_list_adapters().values())
+    if not adapted:
+        raise BadInput(f"LORA_PATH {name}: none of its keys matches a layer of this model")
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["lora"])
+    pipe.unload_lora_weights()

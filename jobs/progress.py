@@ -30,7 +30,8 @@ class Progress:
         now = time.perf_counter()
         if now - self.last_report >= self.every_seconds or self.done >= self.total:
             self.last_report = now
-            log.info("progress", extra={"fields": {"done": self.done, "total": self.total, "unit": self.unit, **fields}})
+            line = {"done": self.done, "total": self.total, "unit": self.unit, **fields}
+            log.info("progress", extra={"fields": line})
 
     def close(self) -> None:
         if self.bar is not None:

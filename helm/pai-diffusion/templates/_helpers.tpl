@@ -1,0 +1,171 @@
+{{/* Names: the release name, with the chart name added unless it already contains it. */}}
+{{- define "pai-diffusion.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Recommended labels; call with (dict "root" $ "component" "finetune"). */}}
+{{- define "pai-diffusion.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: pai-diffusion-jobs
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- end -}}
+
+{{- define "pai-diffusion.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The claim a volume of .Values.storage uses: yours, or the one this chart creates. */}}
+{{- define "pai-diffusion.claim" -}}
+{{- $storage := index .root.Values.storage .name -}}
+{{- $storage.existingClaim | default (printf "%s-%s" (include "pai-diffusion.fullname" .root) .name) -}}
+{{- end -}}
+
+{{/* A Job's labels: the recommended ones, and the Kueue queue that admits it, if any. */}}
+{{- define "pai-diffusion.jobLabels" -}}
+{{ include "pai-diffusion.labels" . }}
+{{- with .root.Values.kueue.queueName }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Job spec every workload shares. Call with (dict "root" $ "component" "finetune" "job" .Values.finetune
+"gpu" true "mounts" (list "data" "cache" "outputs") "args" (list "finetune")) and optionally "perIndex"
+(an Indexed Job whose indexes fail alone), "env" (a list of variables after the model's, before the
+job's `env` map), "command", "ports" and "subdomain".
+*/}}
+{{- define "pai-diffusion.jobSpec" -}}
+{{- $root := .root -}}
+{{- $job := .job -}}
+{{- $fullname := include "pai-diffusion.fullname" $root -}}
+{{- if $root.Values.kueue.queueName }}
+suspend: true  # Kueue starts the Job when its queue admits it
+{{- end }}
+{{- if .perIndex }}
+backoffLimitPerIndex: {{ $job.backoffLimitPerIndex }}  # a failing shard is retried alone
+{{- else }}
+backoffLimit: 3
+{{- end }}
+activeDeadlineSeconds: {{ $job.activeDeadlineSeconds }}
+ttlSecondsAfterFinished: 604800  # keep the finished Job and its logs a week
+podFailurePolicy:
+  rules:
+    - action: {{ ternary "FailIndex" "FailJob" (.perIndex | default false) }}  # exit 2: bad configuration or input, a retry cannot help
+      onExitCodes:
+        containerName: {{ .component }}
+        operator: In
+        values: [2]
+    - action: Ignore  # preemption, eviction, drain: not the job's fault, no retry used up
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+template:
+  metadata:
+    labels:
+      {{- include "pai-diffusion.labels" (dict "root" $root "component" .component) | nindent 6 }}
+  spec:
+    restartPolicy: Never
+    serviceAccountName: {{ $fullname }}
+    terminationGracePeriodSeconds: {{ $job.terminationGracePeriodSeconds | default 30 }}
+    {{- with .subdomain }}
+    subdomain: {{ . }}  # the headless Service that gives node 0 its name
+    {{- end }}
+    securityContext:
+      runAsNonRoot: true
+      runAsUser: 1000
+      runAsGroup: 1000
+      fsGroup: 1000
+      seccompProfile:
+        type: RuntimeDefault
+    {{- if .gpu }}
+    {{- with $root.Values.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $root.Values.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- end }}
+    containers:
+      - name: {{ .component }}
+        image: {{ include "pai-diffusion.image" $root }}
+        imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+        {{- with .command }}
+        command: {{ toJson . }}
+        {{- end }}
+        args: {{ toJson .args }}
+        env:
+          - name: HF_HOME
+            value: /cache/huggingface
+          {{- if ne .component "prefetch" }}
+          - name: HF_HUB_OFFLINE  # load the model from the cache that prefetch filled
+            value: "1"
+          {{- end }}
+          - name: MODEL_NAME
+            value: {{ $root.Values.model }}
+          {{- with .env }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+          {{- range $name, $value := $job.env }}
+          - name: {{ $name }}
+            value: {{ $value | toString | quote }}
+          {{- end }}
+        {{- with .ports }}
+        ports:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        resources:
+          requests:
+            {{- toYaml $job.resources.requests | nindent 12 }}
+          limits:
+            {{- toYaml $job.resources.limits | nindent 12 }}
+            {{- if .gpu }}
+            nvidia.com/gpu: {{ $job.gpus }}
+            {{- end }}
+        securityContext:
+          allowPrivilegeEscalation: false
+          readOnlyRootFilesystem: true
+          capabilities:
+            drop: [ALL]
+        volumeMounts:
+          {{- range .mounts }}
+          - name: {{ . }}
+            mountPath: {{ get (dict "data" "/data" "cache" "/cache" "outputs" "/outputs" "prompts" "/etc/pai-diffusion") . }}
+            {{- if has . (list "data" "prompts") }}
+            readOnly: true
+            {{- end }}
+          {{- end }}
+          - name: tmp
+            mountPath: /tmp
+          - name: dshm
+            mountPath: /dev/shm
+    volumes:
+      {{- range .mounts }}
+      - name: {{ . }}
+        {{- if eq . "prompts" }}
+        configMap:
+          name: {{ $fullname }}-prompts
+        {{- else }}
+        persistentVolumeClaim:
+          claimName: {{ include "pai-diffusion.claim" (dict "root" $root "name" (get (dict "data" "datasets" "cache" "models" "outputs" "outputs") .)) }}
+          {{- if eq . "data" }}
+          readOnly: true
+          {{- end }}
+        {{- end }}
+      {{- end }}
+      - name: tmp
+        emptyDir: {}
+      - name: dshm  # data loader workers and NCCL share memory through /dev/shm (64 Mi by default)
+        emptyDir:
+          medium: Memory
+          sizeLimit: {{ $job.shmSize }}
+{{- end -}}
