@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from tiny_dataset import write_dataset
 
 PROMPT = "一只可爱的猫坐在窗台上"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -77,3 +78,28 @@ def test_lora_matching_no_layer_is_bad_input(cli, capsys, tiny_model, tmp_path):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error: LORA_PATH" in err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, tiny_model, tmp_path):
+    """What the `lora` job writes is what `generate` reads: base + LORA_PATH renders as the merged pipeline."""
+    trained = tmp_path / "trained"
+    assert (
+        cli(
+            "lora",
+            f"--pretrained_model_name_or_path={tiny_model}",
+            f"--train_data_dir={write_dataset(tmp_path / 'data')}",
+            "--resolution=32",
+            "--train_batch_size=2",
+            "--max_train_steps=2",
+            "--learning_rate=1e-2",  # large enough that two steps visibly move the adapters
+            "--lr_warmup_steps=0",
+            "--report_to=none",
+            f"--output_dir={trained}",
+        )
+        == 0
+    )
+    plain = render(cli, tiny_model, tmp_path / "plain")
+    with_lora = render(cli, tiny_model, tmp_path / "with-lora", LORA_PATH=trained)
+    merged = render(cli, trained, tmp_path / "merged")
+    assert with_lora != plain
+    assert with_lora == merged
