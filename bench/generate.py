@@ -74,7 +74,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     model = build(work / f"model-{args.size}", args.size)
-    prompts = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()[: args.prompts]
+    lines = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [lines[i % len(lines)] for i in range(args.prompts)]
     prompts_file = work / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     common = {"MODEL_NAME": str(model), "PROMPTS_FILE": str(prompts_file), "DEVICE": args.device, "HF_HUB_OFFLINE": "1"}
