@@ -92,3 +92,15 @@ test-image: install
 .PHONY: k8s-validate
 k8s-validate: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q tests/test_k8s.py tests/test_helm.py
+
+# ---- Benchmarks (bench/) ----------------------------------------------------------------------
+# Each prints ratios against a baseline run in the same invocation; figures go to docs/benchmarks.md.
+.PHONY: bench bench-gpu
+bench: install
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/generate.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/train.py
+
+# On a CUDA machine: the full SD 1.x architecture (860M-parameter UNet, random weights) at 512x512.
+bench-gpu: install
+	$(BIN)/python bench/generate.py --size sd1 --device cuda --prompts 256
+	$(BIN)/python bench/train.py --size sd1 --device cuda --resolution 512 --batch 8 --steps 40 --images 64

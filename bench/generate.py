@@ -69,11 +69,13 @@ def main() -> None:
     parser.add_argument("--size", default="medium", help="fixture size (tests/tiny_model.py)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--peak_tflops", type=float, default=790, help="the GPU's dense fp16/bf16 peak (H100/H200)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
     model = build(work / f"model-{args.size}", args.size)
-    prompts = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()[: args.prompts]
+    lines = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [lines[i % len(lines)] for i in range(args.prompts)]
     prompts_file = work / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     common = {"MODEL_NAME": str(model), "PROMPTS_FILE": str(prompts_file), "DEVICE": args.device, "HF_HUB_OFFLINE": "1"}
@@ -96,6 +98,12 @@ def main() -> None:
         print(
             f"{name:<55} {rate:>9.3f} {rate / baseline:>6.2f}x {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
         )
+    if args.size == "sd1":
+        # SD 1.x at 512x512: 1.35 TFLOP per guided UNet step, 2.5 TFLOP per VAE decode.
+        steps = 25
+        flops = len(prompts) * (steps * 1.35e12 + 2.5e12)
+        utilisation = flops / runs["generate job, defaults"]["seconds"] / (args.peak_tflops * 1e12)
+        print(f"\nmodel FLOP utilisation of the generate job's defaults ({steps} steps): {utilisation:.1%}")
 
 
 if __name__ == "__main__":
