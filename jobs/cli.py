@@ -6,12 +6,13 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from jobs.config import BAD_INPUT_EXIT_CODE, BadInput, JobConfig, describe, load
+from jobs.config import BAD_INPUT_EXIT_CODE, PREEMPTED_EXIT_CODE, BadInput, JobConfig, describe, load
 from jobs.launch import relaunch
 
 JOBS = {
@@ -50,9 +51,19 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """Python as a container's first process ignores SIGTERM unless it handles it: stop now, exit 143.
+
+    Nothing is lost: outputs are renamed into place whole, and training replaces this handler
+    with its own, which saves a checkpoint first.
+    """
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
 def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[str] | None = None) -> int:
     """Resolve the configuration, run the job, and map bad input to exit code 2 with one line."""
     setup_logging()
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.perf_counter()
     is_main_process = os.environ.get("RANK", "0") == "0"  # under a multi-process launcher, say things once
     try:

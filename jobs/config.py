@@ -30,6 +30,8 @@ from pydantic_settings import (
 )
 
 BAD_INPUT_EXIT_CODE = 2
+# 128 + SIGTERM: stopped (preempted, evicted, deleted) after leaving its work resumable; retried.
+PREEMPTED_EXIT_CODE = 143
 DEFAULT_MODEL = "alibaba-pai/pai-diffusion-artist-large-zh"
 
 # Variables that launchers (torchrun, accelerate, PyTorchJob) set in every process and that share

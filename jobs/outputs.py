@@ -27,6 +27,16 @@ PNG_TEXT_KEY = "parameters"
 MANIFEST_GLOB = "manifest-*.jsonl"
 
 
+def _file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def check_writable(folder: Path) -> None:
     """Create OUTPUT_DIR and prove we can write there, before any model is loaded."""
     try:
@@ -41,6 +51,7 @@ def check_writable(folder: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write a whole file or nothing: a unique temporary name in the same folder, fsync, rename."""
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(descriptor, FILE_MODE)  # mkstemp's 0600 would hide outputs from readers under other UIDs
     with os.fdopen(descriptor, "wb") as file:
         file.write(data)
         file.flush()

@@ -36,7 +36,7 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from jobs.config import BadInput, FinetuneConfig, LoraConfig, TrainConfig
+from jobs.config import PREEMPTED_EXIT_CODE, BadInput, FinetuneConfig, LoraConfig, TrainConfig
 from jobs.data import (
     BatchPlan,
     ExampleEncoder,
@@ -51,7 +51,6 @@ from jobs.progress import Progress
 
 log = logging.getLogger("jobs")
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what Kubernetes expects of a terminated container: it retries
 VALIDATION_INFERENCE_STEPS = 25  # DPM-Solver++ at 25 steps matches the default sampler at 50
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
