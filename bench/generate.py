@@ -10,15 +10,12 @@ time it. Printed: images/s, peak memory and the ratio to the seed's snippet.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from harness import REPO, timed
+
 sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_model import build  # noqa: E402
@@ -52,18 +49,6 @@ sys.exit(code)
 """
 
 
-def timed(code: str, args: list[str], env: dict[str, str]) -> dict:
-    """Run a Python snippet in a fresh process; return its wall time and the memory it reports."""
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True
-    )
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"benchmark process failed:\n{done.stderr[-3000:]}")
-    return {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="medium", help="fixture size (tests/tiny_model.py)")
@@ -82,12 +67,14 @@ def main() -> None:
 
     runs = {}
     (work / "seed").mkdir()
+    seed_args = [str(model), args.device, str(prompts_file), str(work / "seed")]
     runs["seed snippet (pndm, 50 steps, 1 prompt/call)"] = timed(
-        SEED_SNIPPET, [str(model), args.device, str(prompts_file), str(work / "seed")], {"HF_HUB_OFFLINE": "1"}
+        [sys.executable, "-c", SEED_SNIPPET, *seed_args], {"HF_HUB_OFFLINE": "1"}
     )
-    runs["generate job, defaults"] = timed(OUR_JOB, [], {**common, "OUTPUT_DIR": str(work / "defaults")})
+    our_job = [sys.executable, "-c", OUR_JOB]
+    runs["generate job, defaults"] = timed(our_job, {**common, "OUTPUT_DIR": str(work / "defaults")})
     runs["generate job, SCHEDULER=pndm NUM_INFERENCE_STEPS=50"] = timed(
-        OUR_JOB, [], {**common, "OUTPUT_DIR": str(work / "pndm"), "SCHEDULER": "pndm", "NUM_INFERENCE_STEPS": "50"}
+        our_job, {**common, "OUTPUT_DIR": str(work / "pndm"), "SCHEDULER": "pndm", "NUM_INFERENCE_STEPS": "50"}
     )
 
     baseline = len(prompts) / next(iter(runs.values()))["seconds"]

@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from harness import REPO, timed
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_model import build  # noqa: E402
@@ -53,15 +51,6 @@ def make_dataset(folder: Path, count: int, size: int) -> Path:
         lines.append(json.dumps({"file_name": f"{i:03d}.png", "text": captions[i % len(captions)]}, ensure_ascii=False))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
-
-
-def timed(args: list[str], env: dict[str, str] | None = None) -> dict:
-    started = time.perf_counter()
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"benchmark process failed: {' '.join(args[:4])} ...\n{done.stderr[-3000:]}")
-    return {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
