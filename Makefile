@@ -21,8 +21,8 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check jobs tests
-	$(BIN)/ruff format --check jobs tests
+	$(BIN)/ruff check jobs tests bench
+	$(BIN)/ruff format --check jobs tests bench
 
 # A tiny PAI-shaped model with random weights, then generate and img2img on CPU: images and index.html.
 # OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; on a busy machine spinning

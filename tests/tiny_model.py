@@ -23,7 +23,8 @@ MAX_LENGTH = 32
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # Widths of the text encoder, the UNet blocks and the VAE blocks. `medium` is wide enough that
-# compute, not Python overhead, dominates on a CPU; `sd1` is the full SD 1.x architecture
+# compute, not Python overhead, dominates on a CPU, and its VAE downsamples 8x like SD's, so the
+# VAE's share of the work (what latent caching saves) is SD-like; `sd1` is the full SD 1.x architecture
 # (an 860M-parameter UNet at 512x512) for GPU benchmarks.
 TWO_LEVELS = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"), "up": ("UpBlock2D", "CrossAttnUpBlock2D")}
 SIZES = {
@@ -32,7 +33,7 @@ SIZES = {
         "text": 256,
         "layers_text": 2,
         "unet": (128, 256),
-        "vae": (64, 128),
+        "vae": (32, 64, 128, 128),
         "sample": 32,
         "layers": 2,
         **TWO_LEVELS,
