@@ -79,7 +79,9 @@ class InferenceConfig(JobConfig):
     """Options shared by `generate` and `img2img`: the prompts, the sampler and the batch runner."""
 
     output_dir: Path = Field(Path("outputs"), description="Where images, manifests and the gallery go.")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: fp16 on CUDA, fp32 elsewhere.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: fp16 on CUDA; bf16 on a CPU with bf16 instructions (AVX512-BF16, AMX); else fp32."
+    )
     prompt: str | None = Field(None, description="One prompt (or use --prompts_file).")
     prompts_file: Path | None = Field(None, description=".txt (one prompt a line), .jsonl or .yaml records.")
     negative_prompt: str | None = Field(None, description="Default negative prompt.")

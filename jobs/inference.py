@@ -35,6 +35,7 @@ class Settings:
     model: str
     scheduler: str
     steps: int
+    dtype: str
     width: int
     height: int
     strength: float | None
@@ -64,7 +65,7 @@ def run(config: InferenceConfig) -> None:
     log.info(summary, extra={"fields": fields})
 
 
-def check_inputs(config: InferenceConfig) -> tuple[Work, int, dict[str, torch.Tensor] | None]:
+def check_inputs(config: InferenceConfig) -> tuple[Work, int, Path | dict[str, torch.Tensor] | None]:
     """Everything that can be wrong with the input, checked before the model is loaded (BadInput)."""
     steps = config.num_inference_steps or models.SCHEDULERS[config.scheduler][2]
     if isinstance(config, Img2ImgConfig) and int(steps * config.strength) < 1:
@@ -85,17 +86,21 @@ def unfinished(mine: list[WorkItem], work: Work, manifest: outputs.Manifest, con
 
 
 def prepare_pipeline(
-    config: InferenceConfig, job: str, steps: int, lora: dict[str, torch.Tensor] | None
+    config: InferenceConfig, job: str, steps: int, lora: Path | dict[str, torch.Tensor] | None
 ) -> tuple[DiffusionPipeline, Settings]:
     """Load the model once, with its sampler and LoRA, and fix what every image of the run shares."""
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
     img2img = job == "img2img"
     pipeline_cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    pipe = models.load_pipeline(config, pipeline_cls, device, dtype, config.safety_checker)
+    # A LoRA is fused in fp32 and rounded once, as the `lora` job's merged copy is: fused in half
+    # precision, its small deltas would be rounded twice.
+    load_dtype = torch.float32 if lora is not None else dtype
+    pipe = models.load_pipeline(config, pipeline_cls, device, load_dtype, config.safety_checker)
     models.set_scheduler(pipe, config.scheduler)
     if lora is not None:
         models.apply_lora(pipe, lora, config.lora_scale, str(config.lora_path))
+        pipe.to(dtype=dtype)
     if config.compile:
         pipe.unet = torch.compile(pipe.unet)
     resolution = models.default_resolution(config, pipe)
@@ -104,6 +109,7 @@ def prepare_pipeline(
         model=config.pretrained_model_name_or_path,
         scheduler=config.scheduler,
         steps=steps,
+        dtype=str(dtype).removeprefix("torch."),
         width=config.width or resolution,
         height=config.height or resolution,
         strength=config.strength if img2img else None,  # type: ignore[attr-defined]
@@ -224,6 +230,7 @@ def image_record(item: WorkItem, settings: Settings, image: Image.Image, nsfw: b
         "seed": item.seed,
         "steps": settings.steps,
         "scheduler": settings.scheduler,
+        "dtype": settings.dtype,
         "guidance_scale": item.guidance_scale,
         "model": settings.model,
         "lora": settings.lora,

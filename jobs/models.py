@@ -60,12 +60,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA and fp32 elsewhere unless asked; fp16 on a CPU is refused (it is slow and lossy there)."""
+    """`auto` is the half precision the hardware computes natively: fp16 on CUDA, bf16 on a CPU with
+    bf16 instructions (AVX512-BF16 or AMX), where it is 1.4x faster than fp32; fp32 on other CPUs.
+    fp16 on a CPU is refused: it is slow and lossy there."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
     if name == "fp16" and device.type == "cpu":
         raise BadInput("DTYPE=fp16 needs a GPU; use fp32 or bf16 on CPU")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    # torch's own checks, the ones its compiler uses; private, hence in one place.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def check_model_source(config: JobConfig) -> None:
@@ -140,10 +149,12 @@ LEGACY_LORA_KEY = re.compile(
 )
 
 
-def read_lora(path: Path) -> dict[str, torch.Tensor]:
-    """Read a LoRA file (or the folder holding one) into a PEFT-style state dict, before any model loads.
+def read_lora(path: Path) -> Path | dict[str, torch.Tensor]:
+    """Check a LoRA file (or the folder holding one) before any model loads; return what `apply_lora` loads.
 
-    Legacy PAI files are converted: `<module>.processor.to_q_lora.down.weight` becomes
+    That is the file itself, so that diffusers also reads the adapter metadata it carries (a
+    `lora_alpha` other than the rank changes the LoRA's strength), or for a legacy PAI file a
+    converted state dict: `<module>.processor.to_q_lora.down.weight` becomes
     `unet.<module>.to_q.lora_A.weight` (`up` is `lora_B`, `to_out` is `to_out.0`).
     """
     if path.is_dir():
@@ -163,8 +174,8 @@ def read_lora(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not state_dict:
         raise BadInput(f"LORA_PATH {path}: no weights in it")
     if all(LEGACY_LORA_KEY.match(key) for key in state_dict):
-        state_dict = {_convert_legacy_key(key): value for key, value in state_dict.items()}
-    return state_dict
+        return {_convert_legacy_key(key): value for key, value in state_dict.items()}
+    return path
 
 
 def _convert_legacy_key(key: str) -> str:
@@ -175,10 +186,14 @@ def _convert_legacy_key(key: str) -> str:
     return f"unet.{match['module']}.{proj}.{side}.weight"
 
 
-def apply_lora(pipe: DiffusionPipeline, state_dict: dict[str, torch.Tensor], scale: float, name: str) -> None:
-    """Load a LoRA and fuse it into the weights at `scale`; a LoRA that changes no layer is an error."""
+def apply_lora(pipe: DiffusionPipeline, lora: Path | dict[str, torch.Tensor], scale: float, name: str) -> None:
+    """Load a LoRA (from `read_lora`) and fuse it into the weights at `scale`; one that changes no layer is an error."""
+    if isinstance(lora, Path):
+        source, options = str(lora.parent), {"weight_name": lora.name}
+    else:
+        source, options = dict(lora), {}
     try:
-        pipe.load_lora_weights(dict(state_dict), adapter_name="lora")
+        pipe.load_lora_weights(source, adapter_name="lora", **options)
     except Exception as error:  # whatever a foreign file makes diffusers raise, it is bad input
         raise BadInput(f"LORA_PATH {name}: does not fit this model ({str(error).splitlines()[0]})") from None
     adapted = sum(len(adapters) for adapters in pipe.get_list_adapters().values())

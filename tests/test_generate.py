@@ -175,7 +175,7 @@ def test_gallery_escapes_prompts(cli, tiny_model, tmp_path):
 
 def test_seed_snippet_works_and_pndm_with_50_steps_reproduces_it(cli, tiny_model, tmp_path, monkeypatch):
     """The seed document's text-to-image snippet as written (model id, device and a generator aside)
-    runs on the PAI-shaped model, and our job with SCHEDULER=pndm and 50 steps gives its very pixels."""
+    runs on the PAI-shaped model, and our job with SCHEDULER=pndm, 50 steps and fp32 gives its very pixels."""
     out = tmp_path / "out"
     assert (
         cli(
@@ -185,6 +185,7 @@ def test_seed_snippet_works_and_pndm_with_50_steps_reproduces_it(cli, tiny_model
             OUTPUT_DIR=out,
             SCHEDULER="pndm",
             NUM_INFERENCE_STEPS=50,
+            DTYPE="fp32",  # the snippet's precision; `auto` is bf16 on CPUs with bf16 instructions
         )
         == 0
     )
@@ -201,6 +202,21 @@ def test_seed_snippet_works_and_pndm_with_50_steps_reproduces_it(cli, tiny_model
     assert pixels(tmp_path / "result.png") == pixels(out / record["file"])
 
 
+def test_dtype_auto_is_the_cpus_native_half_precision_and_is_recorded(cli, tiny_model, tmp_path):
+    """On a CPU `auto` renders in bf16 where it has bf16 instructions, else fp32; each record says which."""
+    from jobs.models import cpu_has_native_bf16
+
+    rendered = {}
+    for dtype in ("auto", "bf16", "fp32"):
+        out = tmp_path / dtype
+        assert cli("generate", MODEL_NAME=tiny_model, PROMPT=PROMPTS[0], OUTPUT_DIR=out, DTYPE=dtype, **FAST) == 0
+        (record,) = manifest_records(out)
+        rendered[dtype] = (record["dtype"], pixels(out / record["file"]))
+    assert rendered["bf16"][0] == "bfloat16" and rendered["fp32"][0] == "float32"
+    assert rendered["auto"] == rendered["bf16" if cpu_has_native_bf16() else "fp32"]
+    assert rendered["bf16"][1] != rendered["fp32"][1]
+
+
 def test_batched_forward_pass_keeps_items_in_order(tiny_model):
     """The GPU path: a short batch is padded to BATCH_SIZE and each item gets back its own image. (Bit-exactness
     is not asserted here: on a CPU, BLAS rounds batched rows differently, which is why CPUs render one at a time.)"""
@@ -213,7 +229,7 @@ def test_batched_forward_pass_keeps_items_in_order(tiny_model):
 
     config = load(GenerateConfig, ["--prompt", "x"], {"MODEL_NAME": str(tiny_model)})
     pipe = load_pipeline(config, StableDiffusionPipeline, torch.device("cpu"), torch.float32)
-    settings = Settings("generate", str(tiny_model), "pndm", 2, 32, 32, None, None, None)
+    settings = Settings("generate", str(tiny_model), "pndm", 2, "float32", 32, 32, None, None, None)
     items = [
         WorkItem(f"{k}", prompt, None, seed=k, guidance_scale=7.5, image=None) for k, prompt in enumerate(PROMPTS[:2])
     ]
