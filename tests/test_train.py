@@ -89,8 +89,14 @@ def test_seed_finetune_command_trains_and_its_output_loads_as_in_the_seed(tiny_m
     assert vocab == (tiny_model / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     trained, base = unet_weights(output), unet_weights(tiny_model)
     assert any(not torch.equal(trained[name], base[name]) for name in base), "EMA weights did not move"
+    # The loop ran its frozen VAE in bf16 on a CPU with bf16 instructions; the saved one is the base's, bit for bit.
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert load_file(output / vae).keys() == load_file(tiny_model / vae).keys()
+    assert all(torch.equal(load_file(output / vae)[k], v) for k, v in load_file(tiny_model / vae).items())
     losses = loss_history(output)
     assert [step for step, _ in losses] == [1, 2] and all(math.isfinite(loss) for _, loss in losses)
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert state["train_runtime"] > 0 and state["train_samples_per_second"] > 0  # what bench/train.py reads
     card = (output / "README.md").read_text(encoding="utf-8")
     assert str(tiny_model) in card and "from_pretrained" in card
     assert (output / "loss.png").stat().st_size > 0
