@@ -72,9 +72,14 @@ def main() -> None:
         [sys.executable, "-c", SEED_SNIPPET, *seed_args], {"HF_HUB_OFFLINE": "1"}
     )
     our_job = [sys.executable, "-c", OUR_JOB]
+    equal_steps = {"SCHEDULER": "pndm", "NUM_INFERENCE_STEPS": "50"}
     runs["generate job, defaults"] = timed(our_job, {**common, "OUTPUT_DIR": str(work / "defaults")})
     runs["generate job, SCHEDULER=pndm NUM_INFERENCE_STEPS=50"] = timed(
-        our_job, {**common, "OUTPUT_DIR": str(work / "pndm"), "SCHEDULER": "pndm", "NUM_INFERENCE_STEPS": "50"}
+        our_job, {**common, "OUTPUT_DIR": str(work / "pndm"), **equal_steps}
+    )
+    # The seed's precision too: what is left is the job's own engineering.
+    runs["generate job, ... and DTYPE=fp32"] = timed(
+        our_job, {**common, "OUTPUT_DIR": str(work / "pndm-fp32"), **equal_steps, "DTYPE": "fp32"}
     )
 
     baseline = len(prompts) / next(iter(runs.values()))["seconds"]

@@ -1,8 +1,10 @@
 """Training benchmark: the upstream examples' step against our `lora` and `finetune` jobs.
 
-Same model, same data, same batch, resolution and step count; each contender is its own process,
-timed whole (loading, caching and the final save included). Printed: samples/s, peak memory and
-the ratio to the upstream step.
+Same model, same data, same batch, resolution and step count; each contender is its own process.
+Printed for each: samples/s of the whole process (loading, caching and the final save included)
+and of the training loop alone (what a long run converges to), both as ratios to the upstream step
+in fp32, and peak memory. Each job runs in fp32 and in bf16 (`--mixed_precision bf16`; upstream's
+examples then keep the frozen modules in bf16 too).
 
     python bench/train.py                              # CPU, medium PAI-shaped model
     python bench/train.py --size sd1 --device cuda --resolution 512
@@ -24,13 +26,17 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_model import build  # noqa: E402
 
-# Our job in-process, reporting its peak memory on the last line like the baseline does.
+# Our job in-process, reporting its loop time (from trainer_state.json) and peak memory on the last line.
 OUR_JOB = """
-import json, resource, sys
+import json, os, resource, sys, torch
+from pathlib import Path
 from jobs.cli import main
 
 code = main(sys.argv[1:])
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+state = json.loads((Path(os.environ["OUTPUT_DIR"]) / "trainer_state.json").read_text())
+print(json.dumps({"train_seconds": state["train_runtime"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0}))
 sys.exit(code)
 """
 
@@ -84,22 +90,34 @@ def main() -> None:
     ]
     runs = {}
     for mode, job, extra in (("lora", "lora", ["--no_save_merged"]), ("full", "finetune", [])):
-        upstream = [sys.executable, "bench/upstream_train.py", str(model), str(data), f"--mode={mode}"]
-        runs[f"{job}: upstream step (no cache)"] = timed(
-            upstream + [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"], env
-        )
-        ours = [sys.executable, "-c", OUR_JOB, job, *shared, f"--output_dir={work / job}", "--cache_latents", *extra]
-        runs[f"{job}: our job, --cache_latents"] = timed(ours, env)
+        for precision in ("no", "bf16"):
+            name = "fp32" if precision == "no" else precision
+            upstream = [sys.executable, "bench/upstream_train.py", str(model), str(data), f"--mode={mode}"]
+            runs[f"{job}: upstream step, {name}"] = timed(
+                upstream
+                + [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"]
+                + [f"--device={args.device}", f"--mixed_precision={precision}"],
+                env,
+            )
+        for precision in ("no", "bf16"):
+            name = "fp32" if precision == "no" else precision
+            ours = [sys.executable, "-c", OUR_JOB, job, *shared, "--cache_latents", f"--mixed_precision={precision}"]
+            output = {"OUTPUT_DIR": str(work / job / precision)}
+            runs[f"{job}: our job, --cache_latents, {name}"] = timed([*ours, *extra], {**env, **output})
 
     samples = args.steps * args.batch
     setup = f"{args.steps} steps x batch {args.batch} at {args.resolution}px, model {args.size}, device {args.device}"
-    print(f"\n{samples} samples ({setup}), whole process timed\n")
-    print(f"{'contender':<40} {'samples/s':>10} {'ratio':>7} {'peak RSS MB':>12}")
+    print(f"\n{samples} samples ({setup}); ratios to the upstream step in fp32\n")
+    header = f"{'contender':<42} {'process samples/s':>18} {'ratio':>6} {'loop samples/s':>15} {'ratio':>6}"
+    print(f"{header} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
     baseline = None
     for name, run in runs.items():
-        rate = samples / run["seconds"]
-        baseline = rate if "upstream" in name else baseline
-        print(f"{name:<40} {rate:>10.2f} {rate / baseline:>6.2f}x {run['peak_rss_mb']:>12.0f}")
+        process, loop = samples / run["seconds"], samples / run["train_seconds"]
+        baseline = (process, loop) if name.endswith("upstream step, fp32") else baseline
+        print(
+            f"{name:<42} {process:>18.2f} {process / baseline[0]:>5.2f}x {loop:>15.2f} {loop / baseline[1]:>5.2f}x"
+            f" {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
+        )
 
 
 if __name__ == "__main__":

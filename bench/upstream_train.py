@@ -1,8 +1,10 @@
 """The training step of diffusers' text-to-image examples (what EasyNLP's scripts run), as a baseline.
 
 Every step it decodes the images from disk, encodes them through the VAE and the captions through
-the text encoder, then trains: no caching, plain AdamW, fp32. It trains peft LoRA adapters on the
-UNet's attention projections (`--mode lora`) or the whole UNet (`--mode full`).
+the text encoder, then trains: no caching, the default AdamW. It trains peft LoRA adapters on the
+UNet's attention projections (`--mode lora`) or the whole UNet (`--mode full`). With
+`--mixed_precision bf16` it does what the examples do: frozen modules in bf16, trained weights in
+fp32, the UNet's forward pass under autocast.
 
     python bench/upstream_train.py MODEL DATA_DIR --mode lora --steps 40 --batch 4 --resolution 64
 """
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel
@@ -46,22 +49,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
+    device = torch.device(args.device)
+    bf16 = args.mixed_precision == "bf16"
+    weight_dtype = torch.bfloat16 if bf16 else torch.float32
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder")
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae")
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
     noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False).to(device, weight_dtype)
+    text_encoder.requires_grad_(False).to(device, weight_dtype)
     if args.mode == "lora":
-        unet.requires_grad_(False)
+        unet.requires_grad_(False).to(device, weight_dtype)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        cast_training_params(unet, dtype=torch.float32)
+    else:
+        unet.to(device)
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     records = [json.loads(line) for line in (args.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     started = time.perf_counter()
@@ -74,21 +85,25 @@ def main() -> None:
             padding="max_length",
             truncation=True,
             return_tensors="pt",
-        ).input_ids
-        latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        ).input_ids.to(device)
+        latents = vae.encode(pixels.to(device, weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),))
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden_states = text_encoder(ids)[0]
-        prediction = unet(noisy, timesteps, hidden_states).sample
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            prediction = unet(noisy, timesteps, hidden_states).sample
         loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"train_seconds": seconds, "samples": args.steps * args.batch, "peak_rss_mb": peak}))
+    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0
+    print(json.dumps({"train_seconds": seconds, "peak_rss_mb": peak, "peak_cuda_mb": peak_cuda}))
 
 
 if __name__ == "__main__":

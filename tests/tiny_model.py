@@ -23,9 +23,9 @@ MAX_LENGTH = 32
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 # Widths of the text encoder, the UNet blocks and the VAE blocks. `medium` is wide enough that
-# compute, not Python overhead, dominates on a CPU, and its VAE downsamples 8x like SD's, so the
-# VAE's share of the work (what latent caching saves) is SD-like; `sd1` is the full SD 1.x architecture
-# (an 860M-parameter UNet at 512x512) for GPU benchmarks.
+# compute, not Python overhead, dominates on a CPU, and its VAE downsamples 8x like SD's: its encoder
+# costs about one UNet forward pass (SD 1.x's: 1.4-1.5x), which is what latent caching saves. `sd1`
+# is the full SD 1.x architecture (an 860M-parameter UNet at 512x512) for GPU benchmarks.
 TWO_LEVELS = {"down": ("CrossAttnDownBlock2D", "DownBlock2D"), "up": ("UpBlock2D", "CrossAttnUpBlock2D")}
 SIZES = {
     "tiny": {"text": 32, "layers_text": 2, "unet": (32, 64), "vae": (32, 64), "sample": 16, "layers": 1, **TWO_LEVELS},
