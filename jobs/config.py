@@ -38,6 +38,8 @@ DEFAULT_MODEL = "alibaba-pai/pai-diffusion-artist-large-zh"
 # a name with an option; they are never read as settings. `--rank` is the LoRA rank: its env var
 # is LORA_RANK, because RANK is the process rank.
 LAUNCHER_VARIABLES = {"rank"}
+# The one option that takes several values (see _join_list_flags).
+LIST_FLAG = "--validation_prompts"
 
 
 class BadInput(Exception):
@@ -239,7 +241,7 @@ Config = TypeVar("Config", bound=JobConfig)
 
 def load(config_cls: type[Config], argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
     """Read a job's configuration from flags, env vars and `CONFIG_FILE`; raise BadInput if invalid."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _join_list_flags(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if env is None else env)
     yaml_file = env.get("CONFIG_FILE")
     if yaml_file and not Path(yaml_file).is_file():
@@ -263,6 +265,40 @@ def load(config_cls: type[Config], argv: list[str] | None = None, env: dict[str,
         raise BadInput("; ".join(_describe(e) for e in error.errors())) from None
     except SettingsError as error:
         raise BadInput(str(error).strip().splitlines()[-1]) from None
+
+
+def _join_list_flags(argv: list[str]) -> list[str]:
+    """`--validation_prompts a b` (upstream's argparse nargs="+"), the flag repeated, or a JSON list,
+    handed on as one JSON list: pydantic-settings would refuse the second value and split a prompt
+    at its commas ("a cat, by the sea" is one prompt)."""
+    values: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, has_value, value = argv[i].partition("=")
+        i += 1
+        if flag != LIST_FLAG:
+            rest.append(argv[i - 1])
+        elif has_value:
+            values.append(value)
+        else:
+            first = i
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+            values += argv[first:i]
+            if i == first:
+                rest.append(flag)  # no value: left for the parser to report
+    if len(values) == 1 and (listed := _json_list(values[0])) is not None:
+        values = listed
+    return rest + [f"{LIST_FLAG}={json.dumps(values, ensure_ascii=False)}"] if values else rest
+
+
+def _json_list(text: str) -> list[str] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
 def _prog_name(config_cls: type[JobConfig]) -> str:

@@ -51,6 +51,20 @@ def test_boolean_options_are_bare_flags_as_in_the_seed():
 
 
 @pytest.mark.parametrize(
+    "argv, prompts",
+    [
+        (["--validation_prompts", "一只猫", "a cat, by the sea"], ["一只猫", "a cat, by the sea"]),  # upstream's nargs
+        (["--validation_prompts", "a, b", "--validation_prompts=c"], ["a, b", "c"]),
+        (["--validation_prompts", '["x, y", "z"]'], ["x, y", "z"]),
+    ],
+)
+def test_validation_prompts_take_several_values_and_keep_their_commas(argv, prompts):
+    config = load(LoraConfig, [*argv, "--seed", "3"], {"TRAIN_DIR": "/data"})
+    assert config.validation_prompts == prompts and config.seed == 3
+    assert load(LoraConfig, [], {"TRAIN_DIR": "/data", "VALIDATION_PROMPTS": '["e, f"]'}).validation_prompts == ["e, f"]
+
+
+@pytest.mark.parametrize(
     "argv, env",
     [
         ([], {}),  # no prompt source
