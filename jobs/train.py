@@ -104,12 +104,12 @@ image = pipe("{prompt}").images[0]
         finally:
             self.ema.restore(parameters)
 
-    def save(self, output_dir: Path) -> None:
+    def save(self, folder: Path) -> None:
         if self.ema is not None:
             self.ema.copy_to(self.pipe.unet.parameters())
         pipe = load_base_pipeline(self.config, torch.device("cpu"))
         pipe.unet = self.pipe.unet  # trained in fp32 whatever the mixed precision
-        save_pipeline(pipe, output_dir)
+        save_pipeline(pipe, folder)
 
 
 class LoraFinetune:
@@ -149,19 +149,19 @@ image = pipe("{prompt}").images[0]
     def sampling_weights(self):
         return nullcontext()
 
-    def save(self, output_dir: Path) -> None:
+    def save(self, folder: Path) -> None:
         """The adapters in diffusers' format (for `load_lora_weights`), then the model with them merged in."""
         layers, metadata = {}, {}
         for name, model in self.models.items():
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
             metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(output_dir, **layers, **metadata, safe_serialization=True)
+        StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, safe_serialization=True)
         if self.config.no_save_merged:
             return
         # Merged the way `generate` applies LORA_PATH, so both render the same pixels.
         pipe = load_base_pipeline(self.config, torch.device("cpu"))
-        apply_lora(pipe, read_lora(output_dir), scale=1.0, name=str(output_dir))
-        save_pipeline(pipe, output_dir)
+        apply_lora(pipe, read_lora(folder), scale=1.0, name=str(folder))
+        save_pipeline(pipe, folder)
 
 
 Strategy = FullFinetune | LoraFinetune
@@ -304,8 +304,9 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
         validate(config, pipe, noise_scheduler, strategy, accelerator, max_train_steps)
     accelerator.wait_for_everyone()
     if is_main:
-        strategy.save(config.output_dir)
-        write_run_record(config, strategy, len(dataset), max_train_steps, loss_history, speed)
+        with saved_whole(config.output_dir) as folder:
+            strategy.save(folder)
+            write_run_record(config, folder, strategy, len(dataset), max_train_steps, loss_history, speed)
         if config.push_to_hub:
             push_to_hub(config)
         log.info("saved", extra={"fields": {"output_dir": str(config.output_dir), "steps": max_train_steps, **speed}})
@@ -619,15 +620,38 @@ def save_pipeline(pipe: StableDiffusionPipeline, output_dir: Path) -> None:
     (output_dir / "tokenizer" / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
+@contextmanager
+def saved_whole(output_dir: Path):
+    """A folder to write the final outputs into; then each is renamed into `output_dir`, model_index.json
+    last. A kill while saving leaves every output whole, this run's or the last, never half a file."""
+    staging, replaced = output_dir / ".final.partial", output_dir / ".final.replaced"
+    for leftover in (staging, replaced):  # from a run killed while saving
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    replaced.mkdir()
+    for entry in sorted(staging.iterdir(), key=lambda path: path.name == "model_index.json"):
+        if (output_dir / entry.name).exists():
+            (output_dir / entry.name).rename(replaced / entry.name)
+        entry.rename(output_dir / entry.name)
+    shutil.rmtree(replaced)
+    staging.rmdir()
+
+
 def write_run_record(
-    config: TrainConfig, strategy: Strategy, examples: int, steps: int, loss_history: list, speed: dict
+    config: TrainConfig,
+    folder: Path,
+    strategy: Strategy,
+    examples: int,
+    steps: int,
+    loss_history: list,
+    speed: dict,
 ) -> None:
     """README.md model card, loss.png and trainer_state.json (with this run's loop speed) beside the saved model."""
-    (config.output_dir / "trainer_state.json").write_text(
-        json.dumps({"global_step": steps, "loss_history": loss_history, **speed})
-    )
-    write_loss_plot(loss_history, config.output_dir / "loss.png")
-    (config.output_dir / "README.md").write_text(model_card(config, strategy, examples, steps), encoding="utf-8")
+    state = {"global_step": steps, "loss_history": loss_history, **speed}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    write_loss_plot(loss_history, folder / "loss.png")
+    (folder / "README.md").write_text(model_card(config, strategy, examples, steps), encoding="utf-8")
 
 
 def write_loss_plot(loss_history: list, path: Path) -> None:

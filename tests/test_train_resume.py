@@ -93,6 +93,23 @@ def test_kill_9_after_a_checkpoint_then_rerun_resumes_from_it(tiny_model, datase
     assert_same_run(output, reference)
 
 
+def test_kill_9_while_saving_the_model_then_rerun_saves_it_whole(tiny_model, dataset, reference, tmp_path):
+    """The final save is staged in OUTPUT_DIR/.final.partial and renamed into place; a kill there
+    leaves no half-written model, and the rerun resumes from the last checkpoint and saves again."""
+    output = tmp_path / "out"
+    command = finetune_command(tiny_model, dataset, output)
+    process = start(command, tmp_path / "killed.log")
+    wait_for(lambda: (output / ".final.partial").is_dir(), process)
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+
+    rerun = run_process(command, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert resumed_from(rerun.stderr) == MAX_STEPS
+    assert_same_run(output, reference)
+    assert not list(output.glob(".final*"))
+
+
 def test_sigterm_saves_a_checkpoint_exits_143_and_the_retry_resumes(tiny_model, dataset, reference, tmp_path):
     output = tmp_path / "out"
     command = finetune_command(tiny_model, dataset, output)
