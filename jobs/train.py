@@ -191,7 +191,7 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     if config.enable_xformers_memory_efficient_attention and is_main:
         log.info("--enable_xformers_memory_efficient_attention: PyTorch's SDPA attention is used, it is as fast")
 
-    # Model: one load; every module the loop, validation and the final save use comes from it.
+    # Model: one load for the loop and validation (the final save starts again from the base).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = load_base_pipeline(config, accelerator.device)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
