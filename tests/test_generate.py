@@ -217,6 +217,20 @@ def test_dtype_auto_is_the_cpus_native_half_precision_and_is_recorded(cli, tiny_
     assert rendered["bf16"][1] != rendered["fp32"][1]
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_dtype_auto_follows_the_hardware(monkeypatch, native_bf16):
+    from jobs import models
+    from jobs.config import BadInput
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert models.resolve_dtype("auto", cpu) == (torch.bfloat16 if native_bf16 else torch.float32)
+    assert models.resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert models.resolve_dtype("fp32", cpu) == torch.float32
+    with pytest.raises(BadInput, match="needs a GPU"):
+        models.resolve_dtype("fp16", cpu)
+
+
 def test_batched_forward_pass_keeps_items_in_order(tiny_model):
     """The GPU path: a short batch is padded to BATCH_SIZE and each item gets back its own image. (Bit-exactness
     is not asserted here: on a CPU, BLAS rounds batched rows differently, which is why CPUs render one at a time.)"""
