@@ -79,33 +79,24 @@ def reference(tiny_model, dataset, tmp_path_factory) -> tuple[list, dict[str, to
     return outcome(output)
 
 
-def test_kill_9_after_a_checkpoint_then_rerun_resumes_from_it(tiny_model, dataset, reference, tmp_path):
+@pytest.mark.parametrize(
+    ("kill_when", "resumed_at"),
+    [("checkpoint-2", (2, 4)), (".final.partial", (MAX_STEPS,))],
+    ids=["after-a-checkpoint", "while-saving-the-model"],
+)
+def test_kill_9_then_rerun_ends_as_uninterrupted(tiny_model, dataset, reference, tmp_path, kill_when, resumed_at):
+    """SIGKILL once `kill_when` appears in OUTPUT_DIR: after a checkpoint, or during the final save
+    (staged in `.final.partial`, renamed into place). The rerun resumes from the newest checkpoint."""
     output = tmp_path / "out"
     command = finetune_command(tiny_model, dataset, output)
     process = start(command, tmp_path / "killed.log")
-    wait_for(lambda: (output / "checkpoint-2").is_dir(), process)
+    wait_for(lambda: (output / kill_when).is_dir(), process)
     process.kill()
     assert process.wait() == -signal.SIGKILL
 
     rerun = run_process(command, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert resumed_from(rerun.stderr) in (2, 4)
-    assert_same_run(output, reference)
-
-
-def test_kill_9_while_saving_the_model_then_rerun_saves_it_whole(tiny_model, dataset, reference, tmp_path):
-    """The final save is staged in OUTPUT_DIR/.final.partial and renamed into place; a kill there
-    leaves no half-written model, and the rerun resumes from the last checkpoint and saves again."""
-    output = tmp_path / "out"
-    command = finetune_command(tiny_model, dataset, output)
-    process = start(command, tmp_path / "killed.log")
-    wait_for(lambda: (output / ".final.partial").is_dir(), process)
-    process.kill()
-    assert process.wait() == -signal.SIGKILL
-
-    rerun = run_process(command, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert resumed_from(rerun.stderr) == MAX_STEPS
+    assert resumed_from(rerun.stderr) in resumed_at
     assert_same_run(output, reference)
     assert not list(output.glob(".final*"))
 
