@@ -12,6 +12,7 @@ after every boolean flag, which breaks the seed's command lines.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -270,27 +271,17 @@ def load(config_cls: type[Config], argv: list[str] | None = None, env: dict[str,
 def _join_list_flags(argv: list[str]) -> list[str]:
     """`--validation_prompts a b` (upstream's argparse nargs="+"), the flag repeated, or a JSON list,
     handed on as one JSON list: pydantic-settings would refuse the second value and split a prompt
-    at its commas ("a cat, by the sea" is one prompt)."""
-    values: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        flag, has_value, value = argv[i].partition("=")
-        i += 1
-        if flag != LIST_FLAG:
-            rest.append(argv[i - 1])
-        elif has_value:
-            values.append(value)
-        else:
-            first = i
-            while i < len(argv) and not argv[i].startswith("--"):
-                i += 1
-            values += argv[first:i]
-            if i == first:
-                rest.append(flag)  # no value: left for the parser to report
-    if len(values) == 1 and (listed := _json_list(values[0])) is not None:
-        values = listed
-    return rest + [f"{LIST_FLAG}={json.dumps(values, ensure_ascii=False)}"] if values else rest
+    at its commas ("a cat, by the sea" is one prompt). argparse reads them as upstream does."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument(LIST_FLAG, nargs="+", action="extend", default=[], dest="prompts")
+    try:
+        found, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as error:
+        raise BadInput(str(error)) from None
+    prompts = found.prompts
+    if len(prompts) == 1 and (listed := _json_list(prompts[0])) is not None:
+        prompts = listed
+    return [*rest, f"{LIST_FLAG}={json.dumps(prompts, ensure_ascii=False)}"] if prompts else rest
 
 
 def _json_list(text: str) -> list[str] | None:

@@ -62,6 +62,8 @@ def test_validation_prompts_take_several_values_and_keep_their_commas(argv, prom
     config = load(LoraConfig, [*argv, "--seed", "3"], {"TRAIN_DIR": "/data"})
     assert config.validation_prompts == prompts and config.seed == 3
     assert load(LoraConfig, [], {"TRAIN_DIR": "/data", "VALIDATION_PROMPTS": '["e, f"]'}).validation_prompts == ["e, f"]
+    with pytest.raises(BadInput, match="expected at least one argument"):
+        load(LoraConfig, ["--validation_prompts", "--seed", "3"], {"TRAIN_DIR": "/data"})
 
 
 @pytest.mark.parametrize(
