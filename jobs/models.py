@@ -100,11 +100,13 @@ def load_pipeline(
     device: torch.device,
     dtype: torch.dtype,
     safety_checker: bool = True,
+    **components: torch.nn.Module,
 ) -> DiffusionPipeline:
-    """Load a pipeline with the tokenizer its folder names (BertTokenizer for PAI models)."""
-    kwargs = {}
+    """Load a pipeline with the tokenizer its folder names (BertTokenizer for PAI models); `components`
+    are used as they are instead of being loaded."""
+    kwargs: dict = dict(components)
     if not safety_checker:
-        kwargs = {"safety_checker": None, "requires_safety_checker": False}
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     token = config.hf_token.get_secret_value() if config.hf_token else None
     # Per-component loading bars are noise in a job's log; hub download bars are not affected.
     diffusers.utils.logging.disable_progress_bar()

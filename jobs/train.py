@@ -107,8 +107,8 @@ image = pipe("{prompt}").images[0]
     def save(self, folder: Path) -> None:
         if self.ema is not None:
             self.ema.copy_to(self.pipe.unet.parameters())
-        pipe = load_base_pipeline(self.config, torch.device("cpu"))
-        pipe.unet = self.pipe.unet  # trained in fp32 whatever the mixed precision
+        # The UNet trains in fp32 whatever the mixed precision.
+        pipe = load_base_pipeline(self.config, torch.device("cpu"), unet=self.pipe.unet)
         save_pipeline(pipe, folder)
 
 
@@ -601,12 +601,15 @@ def grid(images: list[Image.Image], columns: int) -> Image.Image:
 # Final outputs ---------------------------------------------------------------------------------
 
 
-def load_base_pipeline(config: TrainConfig, device: torch.device) -> StableDiffusionPipeline:
-    """The base model in fp32, its scheduler set to the prediction type being trained for.
+def load_base_pipeline(
+    config: TrainConfig, device: torch.device, **trained: torch.nn.Module
+) -> StableDiffusionPipeline:
+    """The base model in fp32 (with the `trained` modules instead of its own), its scheduler set to
+    the prediction type being trained for.
 
     Loaded again on the CPU for the final save, so that the saved model's frozen parts are the base's
     weights bit for bit, not the copies the loop rounded to its mixed precision."""
-    pipe = load_pipeline(config, StableDiffusionPipeline, device, torch.float32)
+    pipe = load_pipeline(config, StableDiffusionPipeline, device, torch.float32, **trained)
     if config.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=config.prediction_type)
     return pipe
