@@ -90,17 +90,11 @@ def main() -> None:
     ]
     runs = {}
     for mode, job, extra in (("lora", "lora", ["--no_save_merged"]), ("full", "finetune", [])):
-        for precision in ("no", "bf16"):
-            name = "fp32" if precision == "no" else precision
+        for precision, name in (("no", "fp32"), ("bf16", "bf16")):
             upstream = [sys.executable, "bench/upstream_train.py", str(model), str(data), f"--mode={mode}"]
-            runs[f"{job}: upstream step, {name}"] = timed(
-                upstream
-                + [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"]
-                + [f"--device={args.device}", f"--mixed_precision={precision}"],
-                env,
-            )
-        for precision in ("no", "bf16"):
-            name = "fp32" if precision == "no" else precision
+            upstream += [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"]
+            upstream += [f"--device={args.device}", f"--mixed_precision={precision}"]
+            runs[f"{job}: upstream step, {name}"] = timed(upstream, env)
             ours = [sys.executable, "-c", OUR_JOB, job, *shared, "--cache_latents", f"--mixed_precision={precision}"]
             output = {"OUTPUT_DIR": str(work / job / precision)}
             runs[f"{job}: our job, --cache_latents, {name}"] = timed([*ours, *extra], {**env, **output})
