@@ -1,0 +1,27 @@
+"""The benchmarks run end to end on the tiny model and print a ratio for every contender (no timing asserted)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+from conftest import run_process
+
+RATIO = re.compile(r"\s(\d+\.\d\d)x\s")
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "rows"),
+    [
+        ("bench/generate.py", "--size tiny --prompts 2".split(), 4),
+        ("bench/train.py", "--size tiny --resolution 32 --steps 2 --batch 2 --images 4".split(), 8),
+    ],
+)
+def test_benchmark_prints_a_ratio_for_every_contender(script, args, rows):
+    result = run_process([sys.executable, script, *args], {"OMP_WAIT_POLICY": "PASSIVE"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if RATIO.search(line)]
+    assert len(table) == rows, result.stdout
+    assert RATIO.search(table[0])[1] == "1.00"  # the baseline's own row
+    assert all(float(RATIO.search(line)[1]) > 0 for line in table)
