@@ -57,7 +57,12 @@ def main() -> None:
     parser.add_argument("--peak_tflops", type=float, default=790, help="the GPU's dense fp16/bf16 peak (H100/H200)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-generate-"))
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as folder:
+        compare(Path(folder), args)
+
+
+def compare(work: Path, args: argparse.Namespace) -> None:
+    """Run the seed's snippet and the generate job on one model; print their images/s and ratios."""
     model = build(work / f"model-{args.size}", args.size)
     lines = (REPO / "bench" / "prompts.txt").read_text(encoding="utf-8").splitlines()
     prompts = [lines[i % len(lines)] for i in range(args.prompts)]

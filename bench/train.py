@@ -69,7 +69,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
+        compare(Path(folder), args)
+
+
+def compare(work: Path, args: argparse.Namespace) -> None:
+    """Run the upstream step and our jobs on one model and dataset; print samples/s and ratios."""
     model = build(work / f"model-{args.size}", args.size)
     data = make_dataset(work / "data", args.images, args.resolution * 2)
     env = {
