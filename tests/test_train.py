@@ -90,9 +90,8 @@ def test_seed_finetune_command_trains_and_its_output_loads_as_in_the_seed(tiny_m
     trained, base = unet_weights(output), unet_weights(tiny_model)
     assert any(not torch.equal(trained[name], base[name]) for name in base), "EMA weights did not move"
     # The loop ran its frozen VAE in bf16 on a CPU with bf16 instructions; the saved one is the base's, bit for bit.
-    vae = "vae/diffusion_pytorch_model.safetensors"
-    assert load_file(output / vae).keys() == load_file(tiny_model / vae).keys()
-    assert all(torch.equal(load_file(output / vae)[k], v) for k, v in load_file(tiny_model / vae).items())
+    saved_vae, base_vae = (load_file(m / "vae" / "diffusion_pytorch_model.safetensors") for m in (output, tiny_model))
+    assert saved_vae.keys() == base_vae.keys() and all(torch.equal(saved_vae[k], v) for k, v in base_vae.items())
     losses = loss_history(output)
     assert [step for step, _ in losses] == [1, 2] and all(math.isfinite(loss) for _, loss in losses)
     state = json.loads((output / "trainer_state.json").read_text())
