@@ -76,6 +76,7 @@ class JobConfig(BaseSettings):
     cache_dir: Path | None = Field(None, description="Where hub downloads are cached (default HF_HOME).")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps.")
     hf_token: SecretStr | None = Field(None, description="Hub token for private models (env HF_TOKEN).")
+    compile: bool = Field(False, description="torch.compile the UNet: a slower start for faster steps, for long runs.")
 
 
 class InferenceConfig(JobConfig):
@@ -111,7 +112,6 @@ class InferenceConfig(JobConfig):
     skip_invalid: bool = Field(
         False, description="Skip bad prompt records (listed in the manifest) instead of failing."
     )
-    compile: bool = Field(False, description="torch.compile the UNet (pays off on long CUDA runs).")
 
     @model_validator(mode="after")
     def _check_inference(self) -> InferenceConfig:

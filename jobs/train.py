@@ -204,6 +204,10 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
         pipe.unet.enable_gradient_checkpointing()
         if "text_encoder" in strategy.models:
             pipe.text_encoder.gradient_checkpointing_enable()
+    if config.compile:
+        # Only the repeated transformer blocks: in training their step is as fast as the whole UNet's
+        # compiled (0.88 against 0.86 s, medium model on a CPU) for half the compile time (47 against 100 s).
+        pipe.unet.compile_repeated_blocks(fullgraph=True)
 
     # Data: micro-batches numbered across epochs, so step N always starts at micro-batch N * accumulation.
     seed = data_seed(config)
