@@ -1,10 +1,11 @@
 """Training benchmark: the upstream examples' step against our `lora` and `finetune` jobs.
 
 Same model, same data, same batch, resolution and step count; each contender is its own process.
-Printed for each: samples/s of the whole process (loading, caching and the final save included)
-and of the training loop alone (what a long run converges to), both as ratios to the upstream step
-in fp32, and peak memory. Each job runs in fp32 and in bf16 (`--mixed_precision bf16`; upstream's
-examples then keep the frozen modules in bf16 too).
+Printed for each: samples/s of the whole process (loading, caching and the final save included),
+of the training loop alone, and of the steady state (the steps after the first quarter, from a
+second, shorter run: what a run of thousands of steps converges to), as ratios to the upstream
+step in fp32, and peak memory. Each job runs in fp32 and in bf16 (`--mixed_precision bf16`;
+upstream's examples then keep the frozen modules in bf16 too); ours once more with COMPILE=true.
 
     python bench/train.py                              # CPU, medium PAI-shaped model
     python bench/train.py --size sd1 --device cuda --resolution 512
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import REPO, timed
@@ -39,6 +41,13 @@ print(json.dumps({"train_seconds": state["train_runtime"],
                   "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0}))
 sys.exit(code)
 """
+
+
+@dataclass
+class Contender:
+    command: list[str]  # without the step count
+    steps_flag: str  # the option that sets it
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def gradient_image(size: int, shift: int) -> Image.Image:
@@ -67,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="add COMPILE=true runs")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
@@ -80,42 +90,58 @@ def compare(work: Path, args: argparse.Namespace) -> None:
     env = {
         "HF_HUB_OFFLINE": "1",
         "CUDA_VISIBLE_DEVICES": "" if args.device == "cpu" else os.environ.get("CUDA_VISIBLE_DEVICES", "0"),
+        # Every compile starts cold, as in a fresh pod: torch's on-disk cache would make a second run's cheaper.
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
     }
     shared = [
         f"--pretrained_model_name_or_path={model}",
         f"--train_data_dir={data}",
         f"--resolution={args.resolution}",
         f"--train_batch_size={args.batch}",
-        f"--max_train_steps={args.steps}",
         "--center_crop",
         "--random_flip",
         "--lr_warmup_steps=0",
         "--report_to=none",
         f"--checkpointing_steps={args.steps * 10}",
     ]
-    runs = {}
+    contenders: dict[str, Contender] = {}
     for mode, job, extra in (("lora", "lora", ["--no_save_merged"]), ("full", "finetune", [])):
+        ours = [sys.executable, "-c", OUR_JOB, job, *shared, *extra, "--cache_latents"]
         for precision, name in (("no", "fp32"), ("bf16", "bf16")):
             upstream = [sys.executable, "bench/upstream_train.py", str(model), str(data), f"--mode={mode}"]
-            upstream += [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"]
+            upstream += [f"--batch={args.batch}", f"--resolution={args.resolution}"]
             upstream += [f"--device={args.device}", f"--mixed_precision={precision}"]
-            runs[f"{job}: upstream step, {name}"] = timed(upstream, env)
-            ours = [sys.executable, "-c", OUR_JOB, job, *shared, "--cache_latents", f"--mixed_precision={precision}"]
-            output = {"OUTPUT_DIR": str(work / job / precision)}
-            runs[f"{job}: our job, --cache_latents, {name}"] = timed([*ours, *extra], {**env, **output})
+            contenders[f"{job}: upstream step, {name}"] = Contender(upstream, "--steps")
+            our_run = Contender([*ours, f"--mixed_precision={precision}"], "--max_train_steps")
+            contenders[f"{job}: our job, --cache_latents, {name}"] = our_run
+        if args.compile:
+            compiled = Contender([*ours, "--mixed_precision=bf16"], "--max_train_steps", {"COMPILE": "true"})
+            contenders[f"{job}: our job, --cache_latents, bf16, COMPILE=true"] = compiled
 
-    samples = args.steps * args.batch
+    # Steady state: the samples/s of the steps after the first `short`, from a short and a long run.
+    # It leaves out what a long run pays once (start-up, the first steps, compiling).
+    short = max(1, args.steps // 4)
+    runs = {}
+    for index, (name, contender) in enumerate(contenders.items()):
+        for steps in (short, args.steps):
+            run_env = {**env, **contender.env, "OUTPUT_DIR": str(work / f"run-{index}-{steps}")}
+            runs[name, steps] = timed([*contender.command, f"{contender.steps_flag}={steps}"], run_env)
+
+    samples, later_samples = args.steps * args.batch, (args.steps - short) * args.batch
     setup = f"{args.steps} steps x batch {args.batch} at {args.resolution}px, model {args.size}, device {args.device}"
-    print(f"\n{samples} samples ({setup}); ratios to the upstream step in fp32\n")
-    header = f"{'contender':<42} {'process samples/s':>18} {'ratio':>6} {'loop samples/s':>15} {'ratio':>6}"
-    print(f"{header} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
+    print(f"\n{samples} samples ({setup}); ratios to the upstream step in fp32")
+    print(f"steady: steps {short + 1}-{args.steps}, from a second run of {short} steps\n")
+    header = f"{'contender':<55} {'process samples/s':>18} {'ratio':>6} {'loop samples/s':>15} {'ratio':>6}"
+    print(f"{header} {'steady samples/s':>17} {'ratio':>6} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
     baseline = None
-    for name, run in runs.items():
+    for name in contenders:
+        run, short_run = runs[name, args.steps], runs[name, short]
         process, loop = samples / run["seconds"], samples / run["train_seconds"]
-        baseline = (process, loop) if name.endswith("upstream step, fp32") else baseline
+        steady = later_samples / (run["train_seconds"] - short_run["train_seconds"])
+        baseline = (process, loop, steady) if name.endswith("upstream step, fp32") else baseline
         print(
-            f"{name:<42} {process:>18.2f} {process / baseline[0]:>5.2f}x {loop:>15.2f} {loop / baseline[1]:>5.2f}x"
-            f" {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
+            f"{name:<55} {process:>18.2f} {process / baseline[0]:>5.2f}x {loop:>15.2f} {loop / baseline[1]:>5.2f}x"
+            f" {steady:>17.2f} {steady / baseline[2]:>5.2f}x {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
         )
 
 
