@@ -2,10 +2,10 @@
 
 Same model, same data, same batch, resolution and step count; each contender is its own process.
 Printed for each: samples/s of the whole process (loading, caching and the final save included),
-of the training loop alone, and of the steady state (the steps after the first quarter, from a
-second, shorter run: what a run of thousands of steps converges to), as ratios to the upstream
-step in fp32, and peak memory. Each job runs in fp32 and in bf16 (`--mixed_precision bf16`;
-upstream's examples then keep the frozen modules in bf16 too); ours once more with COMPILE=true.
+of the training loop alone, and of its steady state (the steps after the first quarter: what a run
+of thousands of steps converges to), as ratios to the upstream step in fp32, and peak memory.
+Each job runs in fp32 and in bf16 (`--mixed_precision bf16`; upstream's examples then keep the
+frozen modules in bf16 too); ours once more with COMPILE=true.
 
     python bench/train.py                              # CPU, medium PAI-shaped model
     python bench/train.py --size sd1 --device cuda --resolution 512
@@ -28,15 +28,23 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_model import build  # noqa: E402
 
-# Our job in-process, reporting its loop time (from trainer_state.json) and peak memory on the last line.
+# Our job in-process, reporting its loop time (from trainer_state.json), when each step started (read
+# by wrapping its loss function, which each step calls once) and peak memory, on the last line.
 OUR_JOB = """
-import json, os, resource, sys, torch
+import json, os, resource, sys, time, torch
 from pathlib import Path
+import jobs.train
 from jobs.cli import main
+
+step_starts, loss = [], jobs.train.diffusion_loss
+def timed_loss(*args, **kwargs):
+    step_starts.append(time.perf_counter())
+    return loss(*args, **kwargs)
+jobs.train.diffusion_loss = timed_loss
 
 code = main(sys.argv[1:])
 state = json.loads((Path(os.environ["OUTPUT_DIR"]) / "trainer_state.json").read_text())
-print(json.dumps({"train_seconds": state["train_runtime"],
+print(json.dumps({"train_seconds": state["train_runtime"], "step_starts": step_starts,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0}))
 sys.exit(code)
@@ -118,26 +126,25 @@ def compare(work: Path, args: argparse.Namespace) -> None:
             compiled = Contender([*ours, "--mixed_precision=bf16"], "--max_train_steps", {"COMPILE": "true"})
             contenders[f"{job}: our job, --cache_latents, bf16, COMPILE=true"] = compiled
 
-    # Steady state: the samples/s of the steps after the first `short`, from a short and a long run.
-    # It leaves out what a long run pays once (start-up, the first steps, compiling).
-    short = max(1, args.steps // 4)
     runs = {}
     for index, (name, contender) in enumerate(contenders.items()):
-        for steps in (short, args.steps):
-            run_env = {**env, **contender.env, "OUTPUT_DIR": str(work / f"run-{index}-{steps}")}
-            runs[name, steps] = timed([*contender.command, f"{contender.steps_flag}={steps}"], run_env)
+        run_env = {**env, **contender.env, "OUTPUT_DIR": str(work / f"run-{index}")}
+        runs[name] = timed([*contender.command, f"{contender.steps_flag}={args.steps}"], run_env)
 
-    samples, later_samples = args.steps * args.batch, (args.steps - short) * args.batch
+    # Steady state: from the start of step `first` to the start of the last step. It leaves out what a
+    # long run pays once (start-up, the first steps, compiling).
+    first = max(2, args.steps // 4 + 1)
+    samples, steady_samples = args.steps * args.batch, (args.steps - first) * args.batch
     setup = f"{args.steps} steps x batch {args.batch} at {args.resolution}px, model {args.size}, device {args.device}"
     print(f"\n{samples} samples ({setup}); ratios to the upstream step in fp32")
-    print(f"steady: steps {short + 1}-{args.steps}, from a second run of {short} steps\n")
+    print(f"steady: steps {first} to {args.steps - 1}\n")
     header = f"{'contender':<55} {'process samples/s':>18} {'ratio':>6} {'loop samples/s':>15} {'ratio':>6}"
     print(f"{header} {'steady samples/s':>17} {'ratio':>6} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
     baseline = None
-    for name in contenders:
-        run, short_run = runs[name, args.steps], runs[name, short]
+    for name, run in runs.items():
+        starts = run["step_starts"]
         process, loop = samples / run["seconds"], samples / run["train_seconds"]
-        steady = later_samples / (run["train_seconds"] - short_run["train_seconds"])
+        steady = steady_samples / (starts[-1] - starts[first - 1])
         baseline = (process, loop, steady) if name.endswith("upstream step, fp32") else baseline
         print(
             f"{name:<55} {process:>18.2f} {process / baseline[0]:>5.2f}x {loop:>15.2f} {loop / baseline[1]:>5.2f}x"

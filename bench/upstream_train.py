@@ -76,7 +76,9 @@ def main() -> None:
 
     records = [json.loads(line) for line in (args.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     started = time.perf_counter()
+    step_starts, train_loss = [], 0.0
     for step in range(args.steps):
+        step_starts.append(time.perf_counter() - started)
         batch = [records[(step * args.batch + i) % len(records)] for i in range(args.batch)]
         pixels = torch.stack([load_example(args.data, r, args.resolution) for r in batch])
         ids = tokenizer(
@@ -95,6 +97,7 @@ def main() -> None:
             prediction = unet(noisy, timesteps, hidden_states).sample
         loss = F.mse_loss(prediction.float(), noise.float())
         loss.backward()
+        train_loss += loss.item()  # as upstream logs it; on a GPU, this waits for the step
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad()
@@ -103,7 +106,11 @@ def main() -> None:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0
-    print(json.dumps({"train_seconds": seconds, "peak_rss_mb": peak, "peak_cuda_mb": peak_cuda}))
+    print(
+        json.dumps(
+            {"train_seconds": seconds, "step_starts": step_starts, "peak_rss_mb": peak, "peak_cuda_mb": peak_cuda}
+        )
+    )
 
 
 if __name__ == "__main__":
