@@ -53,8 +53,7 @@ sys.exit(code)
 
 @dataclass
 class Contender:
-    command: list[str]  # without the step count
-    steps_flag: str  # the option that sets it
+    command: list[str]
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -106,6 +105,7 @@ def compare(work: Path, args: argparse.Namespace) -> None:
         f"--train_data_dir={data}",
         f"--resolution={args.resolution}",
         f"--train_batch_size={args.batch}",
+        f"--max_train_steps={args.steps}",
         "--center_crop",
         "--random_flip",
         "--lr_warmup_steps=0",
@@ -116,20 +116,20 @@ def compare(work: Path, args: argparse.Namespace) -> None:
     for mode, job, extra in (("lora", "lora", ["--no_save_merged"]), ("full", "finetune", [])):
         ours = [sys.executable, "-c", OUR_JOB, job, *shared, *extra, "--cache_latents"]
         for precision, name in (("no", "fp32"), ("bf16", "bf16")):
+            mixed_precision = f"--mixed_precision={precision}"
             upstream = [sys.executable, "bench/upstream_train.py", str(model), str(data), f"--mode={mode}"]
-            upstream += [f"--batch={args.batch}", f"--resolution={args.resolution}"]
-            upstream += [f"--device={args.device}", f"--mixed_precision={precision}"]
-            contenders[f"{job}: upstream step, {name}"] = Contender(upstream, "--steps")
-            our_run = Contender([*ours, f"--mixed_precision={precision}"], "--max_train_steps")
-            contenders[f"{job}: our job, --cache_latents, {name}"] = our_run
+            upstream += [f"--steps={args.steps}", f"--batch={args.batch}", f"--resolution={args.resolution}"]
+            upstream += [f"--device={args.device}", mixed_precision]
+            contenders[f"{job}: upstream step, {name}"] = Contender(upstream)
+            contenders[f"{job}: our job, --cache_latents, {name}"] = Contender([*ours, mixed_precision])
         if args.compile:
-            compiled = Contender([*ours, "--mixed_precision=bf16"], "--max_train_steps", {"COMPILE": "true"})
+            compiled = Contender([*ours, "--mixed_precision=bf16"], {"COMPILE": "true"})
             contenders[f"{job}: our job, --cache_latents, bf16, COMPILE=true"] = compiled
 
     runs = {}
     for index, (name, contender) in enumerate(contenders.items()):
         run_env = {**env, **contender.env, "OUTPUT_DIR": str(work / f"run-{index}")}
-        runs[name] = timed([*contender.command, f"{contender.steps_flag}={args.steps}"], run_env)
+        runs[name] = timed(contender.command, run_env)
 
     # Steady state: from the start of step `first` to the start of the last step. It leaves out what a
     # long run pays once (start-up, the first steps, compiling).
