@@ -106,11 +106,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0
-    print(
-        json.dumps(
-            {"train_seconds": seconds, "step_starts": step_starts, "peak_rss_mb": peak, "peak_cuda_mb": peak_cuda}
-        )
-    )
+    timing = {"train_seconds": seconds, "step_starts": step_starts, "mean_loss": train_loss / args.steps}
+    print(json.dumps({**timing, "peak_rss_mb": peak, "peak_cuda_mb": peak_cuda}))
 
 
 if __name__ == "__main__":
