@@ -99,8 +99,10 @@ k8s-validate: install
 bench: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/generate.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/train.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/vae_decode.py
 
 # On a CUDA machine: the full SD 1.x architecture (860M-parameter UNet, random weights) at 512x512.
 bench-gpu: install
 	$(BIN)/python bench/generate.py --size sd1 --device cuda --prompts 256
 	$(BIN)/python bench/train.py --size sd1 --device cuda --resolution 512 --batch 8 --steps 40 --images 64
+	$(BIN)/python bench/vae_decode.py --size sd1 --device cuda --batch 32 --resolution 512

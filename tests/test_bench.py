@@ -17,6 +17,7 @@ RATIO = re.compile(r"\s(\d+\.\d\d)x\s")
         ("bench/generate.py", "--size tiny --prompts 2".split(), 4),
         # Without the COMPILE=true rows, which would add minutes: tests/test_compile.py covers compiling.
         ("bench/train.py", "--size tiny --resolution 32 --steps 3 --batch 2 --images 4 --no-compile".split(), 8),
+        ("bench/vae_decode.py", "--size tiny --batch 2 --resolution 32 --repeats 1".split(), 2),
     ],
 )
 def test_benchmark_prints_a_ratio_for_every_contender(script, args, rows):

@@ -67,6 +67,22 @@ def write_tokenizer(folder: Path) -> BertTokenizer:
     return BertTokenizer.from_pretrained(folder)
 
 
+def autoencoder(size: str) -> AutoencoderKL:
+    """The VAE of a `size` model, with random weights (also built alone by bench/vae_decode.py)."""
+    widths = SIZES[size]
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=widths["layers"],
+        block_out_channels=widths["vae"],
+        down_block_types=("DownEncoderBlock2D",) * len(widths["vae"]),
+        up_block_types=("UpDecoderBlock2D",) * len(widths["vae"]),
+        norm_num_groups=32,
+        sample_size=widths["sample"] * 2 ** (len(widths["vae"]) - 1),
+    )
+
+
 def build(out: Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a whole StableDiffusionPipeline folder to `out` and return it."""
     widths = SIZES[size]
@@ -98,17 +114,7 @@ def build(out: Path, size: str = "tiny", seed: int = 0) -> Path:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=widths["layers"],
-        block_out_channels=widths["vae"],
-        down_block_types=("DownEncoderBlock2D",) * len(widths["vae"]),
-        up_block_types=("UpDecoderBlock2D",) * len(widths["vae"]),
-        norm_num_groups=32,
-        sample_size=widths["sample"] * 2 ** (len(widths["vae"]) - 1),
-    )
+    vae = autoencoder(size)
     # SD 1.x's own noise schedule and sampler, as in the PAI folders.
     scheduler = PNDMScheduler(
         beta_start=0.00085,
