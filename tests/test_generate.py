@@ -232,22 +232,22 @@ def test_dtype_auto_follows_the_hardware(monkeypatch, native_bf16):
 
 
 def test_batched_forward_pass_keeps_items_in_order(tiny_model):
-    """The GPU path: a short batch is padded to BATCH_SIZE and each item gets back its own image. (Bit-exactness
-    is not asserted here: on a CPU, BLAS rounds batched rows differently, which is why CPUs render one at a time.)"""
-    from diffusers import StableDiffusionPipeline
-
+    """The GPU path: a short batch is padded to BATCH_SIZE, each item gets back its own image, and the VAE
+    decodes one image at a time. (Bit-exactness is not asserted here: on a CPU, BLAS rounds batched rows
+    differently, which is why CPUs render one at a time.)"""
     from jobs.config import GenerateConfig, load
-    from jobs.inference import Settings, render
-    from jobs.models import load_pipeline
+    from jobs.inference import prepare_pipeline, render
     from jobs.prompts import WorkItem
 
-    config = load(GenerateConfig, ["--prompt", "x"], {"MODEL_NAME": str(tiny_model)})
-    pipe = load_pipeline(config, StableDiffusionPipeline, torch.device("cpu"), torch.float32)
-    settings = Settings("generate", str(tiny_model), "pndm", 2, "float32", 32, 32, None, None, None)
+    env = {"MODEL_NAME": str(tiny_model), "SCHEDULER": "pndm", "DTYPE": "fp32"}
+    pipe, settings = prepare_pipeline(load(GenerateConfig, ["--prompt", "x"], env), "generate", 2, None)
+    decoded_batches = []
+    pipe.vae.decoder.register_forward_hook(lambda module, args, output: decoded_batches.append(len(args[0])))
     items = [
         WorkItem(f"{k}", prompt, None, seed=k, guidance_scale=7.5, image=None) for k, prompt in enumerate(PROMPTS[:2])
     ]
     batched, _ = render(pipe, items, settings, batch_size=3)
+    assert decoded_batches == [1, 1, 1]
     alone = [render(pipe, [item], settings, batch_size=1)[0][0] for item in items]
     assert len(batched) == 2
     for together, single in zip(batched, alone, strict=True):
