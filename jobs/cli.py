@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 import time
@@ -23,6 +25,10 @@ JOBS = {
 }
 # Jobs that run on every GPU of the pod (and on several pods) through jobs/launch.py.
 DISTRIBUTED_JOBS = ("finetune", "lora")
+
+# mallopt(3) parameters, and glibc's ceiling for the mmap threshold on 64-bit machines.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 * 2**20
 
 log = logging.getLogger("jobs")
 Config = TypeVar("Config", bound=JobConfig)
@@ -60,10 +66,25 @@ def exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
+def keep_freed_memory() -> bool:
+    """Keep freed blocks in the heap for the next step instead of handing them back to the OS.
+
+    glibc returns blocks of a few MB to the kernel when they are freed, so on a CPU every training
+    or denoising step page-faults its activations in afresh (85 MB a step in the medium LoRA
+    benchmark: 3-5% of its time). The price: memory freed in blocks under 32 MB stays with the
+    process until it exits. Returns whether it took (glibc only; GPU jobs barely notice either way).
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
 def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[str] | None = None) -> int:
     """Resolve the configuration, run the job, and map bad input to exit code 2 with one line."""
     setup_logging()
     signal.signal(signal.SIGTERM, exit_on_sigterm)
+    keep_freed_memory()
     started = time.perf_counter()
     is_main_process = os.environ.get("RANK", "0") == "0"  # under a multi-process launcher, say things once
     try:
