@@ -71,7 +71,7 @@ def keep_freed_memory() -> bool:
 
     glibc returns blocks of a few MB to the kernel when they are freed, so on a CPU every training
     or denoising step page-faults its activations in afresh (85 MB a step in the medium LoRA
-    benchmark: 3-5% of its time). The price: memory freed in blocks under 32 MB stays with the
+    benchmark: 3-4% of its time). The price: memory freed in blocks under 32 MB stays with the
     process until it exits. Returns whether it took (glibc only; GPU jobs barely notice either way).
     """
     if platform.libc_ver()[0] != "glibc":
