@@ -1,9 +1,10 @@
 """Generation benchmark: the seed's snippet against the `generate` job, same model, same machine.
 
 Each contender runs as its own process and is timed whole, start-up included, as a user would
-time it. Printed: images/s, peak memory and the ratio to the seed's snippet.
+time it. Printed: images/s, peak memory and the ratio to the seed's snippet (averaged over rounds).
 
     python bench/generate.py                          # CPU, medium PAI-shaped model
+    python bench/generate.py --rounds 3               # the same, three rounds
     python bench/generate.py --size sd1 --device cuda # full SD 1.x architecture on a GPU
 """
 
@@ -14,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, timed
+from harness import REPO, Contender, mean, print_spread, round_ratios, run_rounds
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -23,10 +24,11 @@ from tiny_model import build  # noqa: E402
 # The seed's text-to-image snippet as written (pipeline defaults, one prompt per call, images
 # saved one by one), looped over the prompts; the last line reports the process's peak memory.
 SEED_SNIPPET = """
-import json, resource, sys, torch
+import json, os, resource, sys, torch
 from diffusers import StableDiffusionPipeline
 
-model_id, device, prompts_file, out = sys.argv[1:5]
+model_id, device, prompts_file = sys.argv[1:4]
+out = os.environ["OUTPUT_DIR"]
 pipe = StableDiffusionPipeline.from_pretrained(model_id)
 pipe = pipe.to(device)
 for i, prompt in enumerate(open(prompts_file, encoding="utf-8").read().splitlines()):
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--size", default="medium", help="fixture size (tests/tiny_model.py)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times")
     parser.add_argument("--peak_tflops", type=float, default=790, help="the GPU's dense fp16/bf16 peak (H100/H200)")
     args = parser.parse_args()
 
@@ -68,38 +71,37 @@ def compare(work: Path, args: argparse.Namespace) -> None:
     prompts = [lines[i % len(lines)] for i in range(args.prompts)]
     prompts_file = work / "prompts.txt"
     prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-    common = {"MODEL_NAME": str(model), "PROMPTS_FILE": str(prompts_file), "DEVICE": args.device, "HF_HUB_OFFLINE": "1"}
+    common = {"MODEL_NAME": str(model), "PROMPTS_FILE": str(prompts_file), "DEVICE": args.device}
 
-    runs = {}
-    (work / "seed").mkdir()
-    seed_args = [str(model), args.device, str(prompts_file), str(work / "seed")]
-    runs["seed snippet (pndm, 50 steps, 1 prompt/call)"] = timed(
-        [sys.executable, "-c", SEED_SNIPPET, *seed_args], {"HF_HUB_OFFLINE": "1"}
-    )
     our_job = [sys.executable, "-c", OUR_JOB]
     equal_steps = {"SCHEDULER": "pndm", "NUM_INFERENCE_STEPS": "50"}
-    runs["generate job, defaults"] = timed(our_job, {**common, "OUTPUT_DIR": str(work / "defaults")})
-    runs["generate job, SCHEDULER=pndm NUM_INFERENCE_STEPS=50"] = timed(
-        our_job, {**common, "OUTPUT_DIR": str(work / "pndm"), **equal_steps}
-    )
-    # The seed's precision too: what is left is the job's own engineering.
-    runs["generate job, ... and DTYPE=fp32"] = timed(
-        our_job, {**common, "OUTPUT_DIR": str(work / "pndm-fp32"), **equal_steps, "DTYPE": "fp32"}
-    )
+    seed_snippet = [sys.executable, "-c", SEED_SNIPPET, str(model), args.device, str(prompts_file)]
+    contenders = {
+        "seed snippet (pndm, 50 steps, 1 prompt/call)": Contender(seed_snippet),
+        "generate job, defaults": Contender(our_job, common),
+        "generate job, SCHEDULER=pndm NUM_INFERENCE_STEPS=50": Contender(our_job, {**common, **equal_steps}),
+        # The seed's precision too: what is left is the job's own engineering.
+        "generate job, ... and DTYPE=fp32": Contender(our_job, {**common, **equal_steps, "DTYPE": "fp32"}),
+    }
+    runs = run_rounds(contenders, args.rounds, work, {"HF_HUB_OFFLINE": "1"})
 
-    baseline = len(prompts) / next(iter(runs.values()))["seconds"]
-    print(f"\n{len(prompts)} prompts, model size {args.size}, device {args.device}, whole process timed\n")
+    def rate(run: dict) -> float:
+        return len(prompts) / run["seconds"]
+
+    ratios = round_ratios(runs, next(iter(runs)), rate)
+    setup = f"model size {args.size}, device {args.device}, whole process timed, {args.rounds} round(s)"
+    print(f"\n{len(prompts)} prompts, {setup}\n")
     print(f"{'contender':<55} {'images/s':>9} {'ratio':>7} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
-    for name, run in runs.items():
-        rate = len(prompts) / run["seconds"]
-        print(
-            f"{name:<55} {rate:>9.3f} {rate / baseline:>6.2f}x {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
-        )
+    for name, own in runs.items():
+        memory = f"{max(run['peak_rss_mb'] for run in own):>12.0f} {max(run['peak_cuda_mb'] for run in own):>13.0f}"
+        print(f"{name:<55} {mean([rate(run) for run in own]):>9.3f} {mean(ratios[name]):>6.2f}x {memory}")
+    print_spread("ratio", ratios)
     if args.size == "sd1":
         # SD 1.x at 512x512: 1.35 TFLOP per guided UNet step, 2.5 TFLOP per VAE decode.
         steps = 25
         flops = len(prompts) * (steps * 1.35e12 + 2.5e12)
-        utilisation = flops / runs["generate job, defaults"]["seconds"] / (args.peak_tflops * 1e12)
+        seconds = mean([run["seconds"] for run in runs["generate job, defaults"]])
+        utilisation = flops / seconds / (args.peak_tflops * 1e12)
         print(f"\nmodel FLOP utilisation of the generate job's defaults ({steps} steps): {utilisation:.1%}")
 
 

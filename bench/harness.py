@@ -1,4 +1,9 @@
-"""What the benchmarks share: each contender is its own process, timed whole, as a user would time it."""
+"""What the benchmarks share: each contender is its own process, timed whole, as a user would time it.
+
+A machine's speed drifts between runs (on a shared 2-core VM by 10-15%), so `--rounds N` runs every
+contender N times, in reverse order every other round: a contender and the baseline then run close
+in time, and a slow stretch falls on all of them alike. Ratios are taken within a round, then averaged.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Contender:
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def timed(args: list[str], env: dict[str, str] | None = None) -> dict:
@@ -20,3 +33,37 @@ def timed(args: list[str], env: dict[str, str] | None = None) -> dict:
     if done.returncode != 0:
         sys.exit(f"benchmark process failed: {' '.join(map(str, args[:4]))} ...\n{done.stderr[-3000:]}")
     return {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def run_rounds(contenders: dict[str, Contender], rounds: int, work: Path, env: dict[str, str]) -> dict[str, list[dict]]:
+    """Every contender's runs, round by round; each run writes to its own fresh OUTPUT_DIR."""
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for round_index in range(rounds):
+        order = list(contenders) if round_index % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            output = work / f"round-{round_index}" / f"contender-{list(contenders).index(name)}"
+            output.mkdir(parents=True)
+            run_env = {**env, **contenders[name].env, "OUTPUT_DIR": str(output)}
+            runs[name].append(timed(contenders[name].command, run_env))
+    return runs
+
+
+def round_ratios(runs: dict[str, list[dict]], baseline: str, rate: Callable[[dict], float]) -> dict[str, list[float]]:
+    """Each contender's rate over the baseline's, round by round."""
+    return {
+        name: [rate(run) / rate(base) for run, base in zip(own, runs[baseline], strict=True)]
+        for name, own in runs.items()
+    }
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def print_spread(title: str, ratios: dict[str, list[float]]) -> None:
+    """With more than one round: each contender's ratio in every round, so the spread is in view."""
+    if len(next(iter(ratios.values()))) < 2:
+        return
+    print(f"\n{title}, round by round")
+    for name, values in ratios.items():
+        print(f"{name:<55} " + " ".join(f"{value:.2f}" for value in values))

@@ -3,11 +3,12 @@
 Same model, same data, same batch, resolution and step count; each contender is its own process.
 Printed for each: samples/s of the whole process (loading, caching and the final save included),
 of the training loop alone, and of its steady state (the steps after the first quarter: what a run
-of thousands of steps converges to), as ratios to the upstream step in fp32, and peak memory.
+of thousands of steps converges to), as ratios to the upstream step in fp32 (averaged over rounds), and peak memory.
 Each job runs in fp32 and in bf16 (`--mixed_precision bf16`; upstream's examples then keep the
 frozen modules in bf16 too); ours once more with COMPILE=true.
 
     python bench/train.py                              # CPU, medium PAI-shaped model
+    python bench/train.py --rounds 3                   # the same, three rounds
     python bench/train.py --size sd1 --device cuda --resolution 512
 """
 
@@ -18,10 +19,9 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import REPO, timed
+from harness import REPO, Contender, mean, print_spread, round_ratios, run_rounds
 from PIL import Image
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -51,12 +51,6 @@ sys.exit(code)
 """
 
 
-@dataclass
-class Contender:
-    command: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-
-
 def gradient_image(size: int, shift: int) -> Image.Image:
     base = Image.linear_gradient("L").resize((size, size))
     return Image.merge("RGB", [base.point(lambda v, k=k: (v + shift * (k + 1)) % 256) for k in range(3)])
@@ -83,6 +77,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="add COMPILE=true runs")
     args = parser.parse_args()
 
@@ -126,30 +121,36 @@ def compare(work: Path, args: argparse.Namespace) -> None:
             compiled = Contender([*ours, "--mixed_precision=bf16"], {"COMPILE": "true"})
             contenders[f"{job}: our job, --cache_latents, bf16, COMPILE=true"] = compiled
 
-    runs = {}
-    for index, (name, contender) in enumerate(contenders.items()):
-        run_env = {**env, **contender.env, "OUTPUT_DIR": str(work / f"run-{index}")}
-        runs[name] = timed(contender.command, run_env)
+    runs = run_rounds(contenders, args.rounds, work, env)
 
     # Steady state: from the start of step `first` to the start of the last step. It leaves out what a
     # long run pays once (start-up, the first steps, compiling).
     first = max(2, args.steps // 4 + 1)
     samples, steady_samples = args.steps * args.batch, (args.steps - first) * args.batch
+    rates = {
+        "process": lambda run: samples / run["seconds"],
+        "loop": lambda run: samples / run["train_seconds"],
+        "steady": lambda run: steady_samples / (run["step_starts"][-1] - run["step_starts"][first - 1]),
+    }
+    ratios: dict[str, dict[str, list[float]]] = {kind: {} for kind in rates}
+    for job in ("lora", "finetune"):  # each job's rows over its own upstream step
+        group = {name: own for name, own in runs.items() if name.startswith(f"{job}:")}
+        for kind, rate in rates.items():
+            ratios[kind] |= round_ratios(group, f"{job}: upstream step, fp32", rate)
+
     setup = f"{args.steps} steps x batch {args.batch} at {args.resolution}px, model {args.size}, device {args.device}"
-    print(f"\n{samples} samples ({setup}); ratios to the upstream step in fp32")
+    print(f"\n{samples} samples ({setup}), {args.rounds} round(s); ratios to the upstream step in fp32")
     print(f"steady: steps {first} to {args.steps - 1}\n")
     header = f"{'contender':<55} {'process samples/s':>18} {'ratio':>6} {'loop samples/s':>15} {'ratio':>6}"
     print(f"{header} {'steady samples/s':>17} {'ratio':>6} {'peak RSS MB':>12} {'peak CUDA MB':>13}")
-    baseline = None
-    for name, run in runs.items():
-        starts = run["step_starts"]
-        process, loop = samples / run["seconds"], samples / run["train_seconds"]
-        steady = steady_samples / (starts[-1] - starts[first - 1])
-        baseline = (process, loop, steady) if name.endswith("upstream step, fp32") else baseline
-        print(
-            f"{name:<55} {process:>18.2f} {process / baseline[0]:>5.2f}x {loop:>15.2f} {loop / baseline[1]:>5.2f}x"
-            f" {steady:>17.2f} {steady / baseline[2]:>5.2f}x {run['peak_rss_mb']:>12.0f} {run['peak_cuda_mb']:>13.0f}"
-        )
+    for name, own in runs.items():
+        columns = [
+            f"{mean([rate(run) for run in own]):>{width}.2f} {mean(ratios[kind][name]):>5.2f}x"
+            for (kind, rate), width in zip(rates.items(), (18, 15, 17), strict=True)
+        ]
+        memory = f"{max(run['peak_rss_mb'] for run in own):>12.0f} {max(run['peak_cuda_mb'] for run in own):>13.0f}"
+        print(f"{name:<55} {' '.join(columns)} {memory}")
+    print_spread("steady ratio", ratios["steady"])
 
 
 if __name__ == "__main__":
