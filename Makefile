@@ -95,7 +95,7 @@ k8s-validate: install
 
 # ---- Benchmarks (bench/) ----------------------------------------------------------------------
 # Each prints ratios against a baseline run in the same invocation; figures go to docs/benchmarks.md.
-# A CPU run takes ROUNDS rounds of every contender, as a shared machine's speed drifts (about 30 min
+# A CPU run takes ROUNDS rounds of every contender, as a shared machine's speed drifts (about 25 min
 # a round); `make bench ROUNDS=1` for a quick look.
 ROUNDS ?= 3
 .PHONY: bench bench-gpu

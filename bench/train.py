@@ -3,7 +3,8 @@
 Same model, same data, same batch, resolution and step count; each contender is its own process.
 Printed for each: samples/s of the whole process (loading, caching and the final save included),
 of the training loop alone, and of its steady state (the steps after the first quarter: what a run
-of thousands of steps converges to), as ratios to the upstream step in fp32 (averaged over rounds), and peak memory.
+of thousands of steps converges to), as ratios to the upstream step in fp32 (averaged over rounds),
+and peak memory.
 Each job runs in fp32 and in bf16 (`--mixed_precision bf16`; upstream's examples then keep the
 frozen modules in bf16 too); ours once more with COMPILE=true.
 
