@@ -66,11 +66,10 @@ OUTPUTS ?= $(CURDIR)/outputs
 MODEL_CACHE ?= $(HOME)/.cache/pai-diffusion-jobs
 GPUS ?= $(if $(filter docker,$(notdir $(DOCKER))),--gpus all)
 RUN_FLAGS ?=
-# The names of every setting, from the configuration classes (aliases included), plus CONFIG_FILE and HF_HUB_OFFLINE.
-JOB_SETTINGS = $(shell $(BIN)/python -c 'import jobs.config as c; \
-	classes = [v for v in vars(c).values() if isinstance(v, type) and issubclass(v, c.JobConfig)]; \
-	names = {n for k in classes for f, i in k.model_fields.items() for n in (f, *getattr(i.validation_alias, "choices", ()))}; \
-	print(*sorted({n.upper() for n in names - c.LAUNCHER_VARIABLES}))') CONFIG_FILE HF_HUB_OFFLINE
+# The names of every setting, from the jobs' configuration classes (aliases included), plus CONFIG_FILE and HF_HUB_OFFLINE.
+JOB_SETTINGS = $(shell $(BIN)/python -c 'from jobs.config import LAUNCHER_VARIABLES; from jobs.registry import JOBS; \
+	names = {n for j in JOBS.values() for f, i in j.config.model_fields.items() for n in (f, *getattr(i.validation_alias, "choices", ()))}; \
+	print(*sorted({n.upper() for n in names - LAUNCHER_VARIABLES}))') CONFIG_FILE HF_HUB_OFFLINE
 GIVEN_SETTINGS = $(foreach v,$(filter-out OUTPUT_DIR,$(JOB_SETTINGS)),$(if $(filter command environment,$(firstword $(origin $(v)))),$(v)))
 
 run-local: export OUTPUT_DIR ?= /outputs/$(JOB)

@@ -1,37 +1,26 @@
-"""The `pai-diffusion` command: the job is the first argument, and every job runs through `run_job`."""
+"""The `pai-diffusion` command: `pai-diffusion JOB [--flag value ...]`, every job run through `run_job`."""
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import json
 import logging
 import os
 import platform
-import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
-from jobs.config import BAD_INPUT_EXIT_CODE, PREEMPTED_EXIT_CODE, BadInput, JobConfig, describe, load
+from jobs import sigterm
+from jobs.config import describe, load
+from jobs.errors import BAD_INPUT_EXIT_CODE, BadInput
 from jobs.launch import relaunch
-
-JOBS = {
-    "generate": "text to image",
-    "img2img": "text-guided image editing",
-    "finetune": "full UNet fine-tuning",
-    "lora": "LoRA fine-tuning",
-}
-# Jobs that run on every GPU of the pod (and on several pods) through jobs/launch.py.
-DISTRIBUTED_JOBS = ("finetune", "lora")
+from jobs.registry import JOBS, Job
 
 # mallopt(3) parameters, and glibc's ceiling for the mmap threshold on 64-bit machines.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_MAX = 32 * 2**20
 
 log = logging.getLogger("jobs")
-Config = TypeVar("Config", bound=JobConfig)
 
 
 class JsonFormatter(logging.Formatter):
@@ -57,15 +46,6 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def exit_on_sigterm(signum: int, frame: object) -> None:
-    """Python as a container's first process ignores SIGTERM unless it handles it: stop now, exit 143.
-
-    Nothing is lost: outputs are renamed into place whole, and training replaces this handler
-    with its own, which saves a checkpoint first.
-    """
-    raise SystemExit(PREEMPTED_EXIT_CODE)
-
-
 def keep_freed_memory() -> bool:
     """Keep freed blocks in the heap for the next step instead of handing them back to the OS.
 
@@ -80,18 +60,17 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and libc.mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
-def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[str] | None = None) -> int:
+def run_job(job: Job, argv: list[str]) -> int:
     """Resolve the configuration, run the job, and map bad input to exit code 2 with one line."""
     setup_logging()
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
     keep_freed_memory()
     started = time.perf_counter()
     is_main_process = os.environ.get("RANK", "0") == "0"  # under a multi-process launcher, say things once
     try:
-        config = load(config_cls, argv)
+        config = load(job.config, argv, prog=job.prog)
         if is_main_process:
             print(describe(config), file=sys.stderr, flush=True)
-        job(config)
+        job.run_function()(config)
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return BAD_INPUT_EXIT_CODE
@@ -100,17 +79,26 @@ def run_job(config_cls: type[Config], job: Callable[[Config], None], argv: list[
     return 0
 
 
+def usage() -> str:
+    jobs = "\n".join(f"  {job.name:<9} {job.summary}" for job in JOBS.values())
+    return f"usage: pai-diffusion JOB [--flag value ...]\n\njobs:\n{jobs}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    sigterm.install()
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in JOBS:
-        jobs = "\n".join(f"  {name:<9} {what}" for name, what in JOBS.items())
-        print(f"usage: pai-diffusion JOB [--flag value ...]\n\njobs:\n{jobs}", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else BAD_INPUT_EXIT_CODE
-    if argv[0] in DISTRIBUTED_JOBS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stderr)
+        return 0 if argv else BAD_INPUT_EXIT_CODE
+    job = JOBS.get(argv[0])
+    if job is None:
+        print(f"error: unknown job {argv[0]!r}\n{usage()}", file=sys.stderr)
+        return BAD_INPUT_EXIT_CODE
+    if job.distributed:
         setup_logging()
         if (code := relaunch(["-m", "jobs.cli", *argv])) is not None:
             return code
-    return importlib.import_module(f"jobs.{argv[0]}").main(argv[1:])
+    return run_job(job, argv[1:])
 
 
 if __name__ == "__main__":

@@ -30,9 +30,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-BAD_INPUT_EXIT_CODE = 2
-# 128 + SIGTERM: stopped (preempted, evicted, deleted) after leaving its work resumable; retried.
-PREEMPTED_EXIT_CODE = 143
+from jobs.errors import BadInput
+
 DEFAULT_MODEL = "alibaba-pai/pai-diffusion-artist-large-zh"
 
 # Variables that launchers (torchrun, accelerate, PyTorchJob) set in every process and that share
@@ -41,10 +40,6 @@ DEFAULT_MODEL = "alibaba-pai/pai-diffusion-artist-large-zh"
 LAUNCHER_VARIABLES = {"rank"}
 # The one option that takes several values (see _join_list_flags).
 LIST_FLAG = "--validation_prompts"
-
-
-class BadInput(Exception):
-    """Bad configuration or bad input: never worth a retry, so the job exits with code 2."""
 
 
 def alias(*names: str) -> AliasChoices:
@@ -240,8 +235,14 @@ class LoraConfig(TrainConfig):
 Config = TypeVar("Config", bound=JobConfig)
 
 
-def load(config_cls: type[Config], argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
-    """Read a job's configuration from flags, env vars and `CONFIG_FILE`; raise BadInput if invalid."""
+def load(
+    config_cls: type[Config],
+    argv: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    prog: str = "pai-diffusion",
+) -> Config:
+    """Read a job's configuration from flags, env vars and `CONFIG_FILE`; raise BadInput if invalid.
+    `prog` is the command that `--help` shows (the job's, from jobs/registry.py)."""
     argv = _join_list_flags(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if env is None else env)
     yaml_file = env.get("CONFIG_FILE")
@@ -253,7 +254,7 @@ def load(config_cls: type[Config], argv: list[str] | None = None, env: dict[str,
         def settings_customise_sources(cls, settings_cls, **_: Any) -> tuple[PydanticBaseSettingsSource, ...]:
             env_source = EnvSettingsSource(settings_cls, case_sensitive=False)
             env_source.env_vars = {k.lower(): v for k, v in env.items() if k.lower() not in LAUNCHER_VARIABLES}
-            cli = CliSettingsSource(settings_cls, cli_parse_args=argv, cli_prog_name=_prog_name(config_cls))
+            cli = CliSettingsSource(settings_cls, cli_parse_args=argv, cli_prog_name=prog)
             sources: list[PydanticBaseSettingsSource] = [cli, env_source]
             if yaml_file:
                 sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
@@ -292,10 +293,6 @@ def _json_list(text: str) -> list[str] | None:
     return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
 
 
-def _prog_name(config_cls: type[JobConfig]) -> str:
-    return "pai-diffusion " + config_cls.__name__.removesuffix("Config").lower()
-
-
 def _describe(error: dict[str, Any]) -> str:
     field = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
@@ -304,11 +301,15 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{field.upper()} (--{field}): {message} (got {error.get('input')!r})"
 
 
-def describe(config: JobConfig) -> str:
-    """The resolved configuration as one JSON line, secrets masked, for the job's first log line."""
+def settings(config: JobConfig) -> dict[str, Any]:
+    """The resolved configuration as JSON values, secrets masked: the job's first log line, the run record."""
     values = {}
     for name, value in config.model_dump().items():
         if isinstance(value, SecretStr):
             value = "***" if value.get_secret_value() else None
         values[name] = str(value) if isinstance(value, Path) else value
-    return json.dumps({"config": values}, ensure_ascii=False)
+    return values
+
+
+def describe(config: JobConfig) -> str:
+    return json.dumps({"config": settings(config)}, ensure_ascii=False)

@@ -24,7 +24,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from jobs.config import BadInput, TrainConfig
+from jobs import atomic
+from jobs.config import TrainConfig
+from jobs.errors import BadInput
 
 log = logging.getLogger("jobs")
 
@@ -311,8 +313,8 @@ class LatentCache:
                     joined[name] = torch.empty((encode.size, *first.shape[1:]), dtype=first.dtype)
                     for r, share in enumerate(shares):
                         joined[name][r::world] = share[name]
-                save_file(joined, path.with_suffix(".partial"))
-                path.with_suffix(".partial").replace(path)
+                with atomic.replacing(path) as temporary:
+                    save_file(joined, temporary)
                 for part in parts:
                     part.unlink()
         accelerator.wait_for_everyone()

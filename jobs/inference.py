@@ -19,12 +19,34 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from jobs import models, outputs
-from jobs.config import BadInput, Img2ImgConfig, InferenceConfig
+from jobs import atomic, models, outputs
+from jobs.config import GenerateConfig, Img2ImgConfig, InferenceConfig
+from jobs.errors import BadInput
 from jobs.progress import Progress
 from jobs.prompts import Work, WorkItem, plan, shard_of
 
 log = logging.getLogger("jobs")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What sets the two jobs apart: the pipeline, and whether each item edits an input image."""
+
+    job: str
+    pipeline_cls: type[DiffusionPipeline]
+    edits_images: bool
+
+
+TEXT_TO_IMAGE = Mode("generate", StableDiffusionPipeline, edits_images=False)
+IMAGE_TO_IMAGE = Mode("img2img", StableDiffusionImg2ImgPipeline, edits_images=True)
+
+
+def generate(config: GenerateConfig) -> None:
+    run(config, TEXT_TO_IMAGE)
+
+
+def img2img(config: Img2ImgConfig) -> None:
+    run(config, IMAGE_TO_IMAGE)
 
 
 @dataclass(frozen=True)
@@ -43,34 +65,36 @@ class Settings:
     lora_scale: float | None
 
 
-def run(config: InferenceConfig) -> None:
+def run(config: InferenceConfig, mode: Mode) -> None:
     """Render this shard's unfinished items into OUTPUT_DIR, refresh the gallery, log a summary."""
     started = time.perf_counter()
-    job = "img2img" if isinstance(config, Img2ImgConfig) else "generate"
-    work, steps, lora = check_inputs(config)
+    work, steps, lora = check_inputs(config, mode)
     manifest = outputs.Manifest(config.output_dir, config.shard_index)
     mine = shard_of(work.items, config.shard_index, config.num_shards)
     todo = unfinished(mine, work, manifest, config)
     log.info("work", extra={"fields": {"items": len(work.items), "shard": len(mine), "to_render": len(todo)}})
     if todo:
-        pipe, settings = prepare_pipeline(config, job, steps, lora)
+        pipe, settings = prepare_pipeline(config, mode, steps, lora)
         # Batching pays on a GPU. On a CPU it is no faster, and BLAS picks different kernels for
         # different row counts, which would make an image's last bits depend on its batch.
         batch_size = config.batch_size if pipe.device.type != "cpu" else 1
         render_all(pipe, todo, settings, batch_size, manifest, config.output_dir, len(mine))
-    gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {job}: {config.output_dir.name}")
+    gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {mode.job}: {config.output_dir.name}")
     seconds = time.perf_counter() - started
-    summary = f"{job}: {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s); gallery {gallery}"
+    summary = (
+        f"{mode.job}: {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s); gallery {gallery}"
+    )
     fields = {"images": len(todo), "seconds": round(seconds, 2), "skipped_records": len(work.skipped)}
     log.info(summary, extra={"fields": fields})
 
 
-def check_inputs(config: InferenceConfig) -> tuple[Work, int, Path | dict[str, torch.Tensor] | None]:
+def check_inputs(config: InferenceConfig, mode: Mode) -> tuple[Work, int, Path | dict[str, torch.Tensor] | None]:
     """Everything that can be wrong with the input, checked before the model is loaded (BadInput)."""
     steps = config.num_inference_steps or models.SCHEDULERS[config.scheduler][2]
-    if isinstance(config, Img2ImgConfig) and int(steps * config.strength) < 1:
-        raise BadInput(f"STRENGTH {config.strength} with {steps} steps runs no denoising step: raise either")
-    work = plan(config)
+    strength = getattr(config, "strength", None)  # img2img's
+    if strength is not None and int(steps * strength) < 1:
+        raise BadInput(f"STRENGTH {strength} with {steps} steps runs no denoising step: raise either")
+    work = plan(config, mode.edits_images)
     outputs.check_writable(config.output_dir)
     models.check_model_source(config)
     lora = models.read_lora(config.lora_path) if config.lora_path else None
@@ -86,17 +110,15 @@ def unfinished(mine: list[WorkItem], work: Work, manifest: outputs.Manifest, con
 
 
 def prepare_pipeline(
-    config: InferenceConfig, job: str, steps: int, lora: Path | dict[str, torch.Tensor] | None
+    config: InferenceConfig, mode: Mode, steps: int, lora: Path | dict[str, torch.Tensor] | None
 ) -> tuple[DiffusionPipeline, Settings]:
     """Load the model once, with its sampler and LoRA, and fix what every image of the run shares."""
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    img2img = job == "img2img"
-    pipeline_cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
     # A LoRA is fused in fp32 and rounded once, as the `lora` job's merged copy is: fused in half
     # precision, its small deltas would be rounded twice.
     load_dtype = torch.float32 if lora is not None else dtype
-    pipe = models.load_pipeline(config, pipeline_cls, device, load_dtype, config.safety_checker)
+    pipe = models.load_pipeline(config, mode.pipeline_cls, device, load_dtype, config.safety_checker)
     models.set_scheduler(pipe, config.scheduler)
     if lora is not None:
         models.apply_lora(pipe, lora, config.lora_scale, str(config.lora_path))
@@ -109,14 +131,14 @@ def prepare_pipeline(
         pipe.unet = torch.compile(pipe.unet)
     resolution = models.default_resolution(config, pipe)
     settings = Settings(
-        job=job,
+        job=mode.job,
         model=config.pretrained_model_name_or_path,
         scheduler=config.scheduler,
         steps=steps,
         dtype=str(dtype).removeprefix("torch."),
         width=config.width or resolution,
         height=config.height or resolution,
-        strength=config.strength if img2img else None,  # type: ignore[attr-defined]
+        strength=getattr(config, "strength", None),
         lora=str(config.lora_path) if config.lora_path else None,
         lora_scale=config.lora_scale if config.lora_path else None,
     )
@@ -165,7 +187,7 @@ def save_batch(
 ) -> None:
     """Each PNG is renamed into place before its manifest line is appended (see `recover`)."""
     for image, record in zip(images, records, strict=True):
-        outputs.atomic_write(output_dir / record["file"], outputs.png_with_record(image, record))
+        atomic.write_bytes(output_dir / record["file"], outputs.png_with_record(image, record))
         manifest.append(record)
 
 
@@ -252,7 +274,7 @@ def image_record(item: WorkItem, settings: Settings, image: Image.Image, nsfw: b
 def recover(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path) -> None:
     """Repair after a kill: drop half-written temporaries, and put back the manifest lines of PNGs
     that were renamed into place but not yet listed, from the records embedded in them."""
-    outputs.remove_temporaries(output_dir, {f"{item.id}.png" for item in items})
+    atomic.remove_leftovers(output_dir, {f"{item.id}.png" for item in items})
     listed = outputs.listed_ids(output_dir)
     for item in items:
         path = output_dir / f"{item.id}.png"

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from jobs.config import BAD_INPUT_EXIT_CODE, BadInput
+from jobs.errors import BAD_INPUT_EXIT_CODE, BadInput
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,10 @@ def accelerate_launch(shape: Topology, target: Sequence[str]) -> tuple[list[str]
 
 
 def run_accelerate(args: list[str], env: Mapping[str, str]) -> int:
-    """Run accelerate's launcher in this process, keeping exit code 2 when a worker rejected its input."""
+    """Run accelerate's launcher in this process, keeping exit code 2 when a worker rejected its input.
+
+    torch's elastic agent replaces this process's SIGTERM handler (jobs/sigterm.py) with its own: it
+    forwards the signal to every worker, waits for them to save and exit, then raises SignalException."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -25,7 +25,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from jobs.config import BadInput, JobConfig
+from jobs.config import JobConfig
+from jobs.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,14 @@ def load_pipeline(
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def save_pipeline(pipe: DiffusionPipeline, output_dir: Path) -> None:
+    """A whole pipeline in safetensors, with the PAI tokenizer's vocab.txt kept."""
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    # transformers 5 saves BertTokenizer as tokenizer.json only; PAI tooling and older libraries read vocab.txt.
+    vocab = sorted(pipe.tokenizer.get_vocab().items(), key=lambda item: item[1])
+    (output_dir / "tokenizer" / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
 def default_resolution(config: JobConfig, pipe: DiffusionPipeline) -> int:

@@ -13,7 +13,6 @@ import html
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,20 +20,11 @@ from urllib.parse import quote
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from jobs.config import BadInput
+from jobs import atomic
+from jobs.errors import BadInput
 
 PNG_TEXT_KEY = "parameters"
 MANIFEST_GLOB = "manifest-*.jsonl"
-
-
-def _file_mode() -> int:
-    """The mode `open()` gives a new file under this process's umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()
 
 
 def check_writable(folder: Path) -> None:
@@ -46,24 +36,6 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise BadInput(f"OUTPUT_DIR {folder}: not writable ({error.strerror or error})") from None
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a whole file or nothing: a unique temporary name in the same folder, fsync, rename."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(descriptor, FILE_MODE)  # mkstemp's 0600 would hide outputs from readers under other UIDs
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
-def remove_temporaries(folder: Path, names: set[str]) -> None:
-    """Delete what a killed `atomic_write` of one of `names` left behind (the caller owns those names)."""
-    for temporary in folder.glob(".*.tmp"):
-        if temporary.name[1:].rsplit(".", 2)[0] in names:
-            temporary.unlink(missing_ok=True)
 
 
 def png_with_record(image: Image.Image, record: dict[str, Any]) -> bytes:
@@ -144,7 +116,7 @@ def write_gallery(output_dir: Path, title: str) -> Path:
         skipped=f"<h2>Skipped records</h2><ul>{skipped_list}</ul>" if skipped else "",
     )
     path = output_dir / "index.html"
-    atomic_write(path, page.encode("utf-8"))
+    atomic.write_bytes(path, page.encode("utf-8"))
     return path
 
 

@@ -19,7 +19,8 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jobs.config import BadInput, Img2ImgConfig, InferenceConfig
+from jobs.config import InferenceConfig
+from jobs.errors import BadInput
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -73,13 +74,14 @@ class Work:
     skipped: list[Skipped]
 
 
-def plan(config: InferenceConfig) -> Work:
-    """Read and check the prompt source; raise BadInput on the first bad record unless SKIP_INVALID."""
+def plan(config: InferenceConfig, edits_images: bool) -> Work:
+    """Read and check the prompt source; raise BadInput on the first bad record unless SKIP_INVALID.
+    For img2img (`edits_images`) every record names its input image; for generate none may."""
     items: list[WorkItem] = []
     skipped: list[Skipped] = []
     for source in _read_sources(config):
         try:
-            items.extend(_expand(source, config))
+            items.extend(_expand(source, config, edits_images))
         except BadInput as error:
             if not config.skip_invalid:
                 raise
@@ -104,9 +106,9 @@ def shard_of(items: list[WorkItem], shard_index: int, num_shards: int) -> list[W
     return items[shard_index::num_shards]
 
 
-def _expand(source: Source, config: InferenceConfig) -> list[WorkItem]:
+def _expand(source: Source, config: InferenceConfig, edits_images: bool) -> list[WorkItem]:
     """A checked record's items: `num_images` of them, ids `<record id>-<k>`."""
-    record = _check_record(source, config)
+    record = _check_record(source, config, edits_images)
     count = record.num_images or config.num_images_per_prompt
     record_id = record.id or source.default_id
     negative_prompt = record.negative_prompt if record.negative_prompt is not None else config.negative_prompt
@@ -119,7 +121,7 @@ def _expand(source: Source, config: InferenceConfig) -> list[WorkItem]:
     return items
 
 
-def _check_record(source: Source, config: InferenceConfig) -> PromptRecord:
+def _check_record(source: Source, config: InferenceConfig, edits_images: bool) -> PromptRecord:
     data = source.data
     if isinstance(data, str):
         try:
@@ -133,10 +135,9 @@ def _check_record(source: Source, config: InferenceConfig) -> PromptRecord:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in error.errors())
         raise BadInput(f"{source.where}: {problems}") from None
-    img2img = isinstance(config, Img2ImgConfig)
-    if record.image is not None and not img2img:
+    if record.image is not None and not edits_images:
         raise BadInput(f"{source.where}: `image` is only for img2img")
-    if img2img and record.image is None:
+    if edits_images and record.image is None:
         raise BadInput(f"{source.where}: img2img needs an `image`")
     if record.image is not None:
         if not record.image.is_absolute() and config.prompts_file is not None:

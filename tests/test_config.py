@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from jobs.config import BadInput, GenerateConfig, LoraConfig, load
+from jobs.config import GenerateConfig, LoraConfig, load
+from jobs.errors import BadInput
 
 
 def test_flag_beats_env_beats_yaml_beats_default(tmp_path):

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from tiny_dataset import write_dataset
 
-from jobs.config import BadInput, LoraConfig
+from jobs.config import LoraConfig
 from jobs.data import BatchPlan, ImageTransform, find_image_folder, load_examples
+from jobs.errors import BadInput
 
 
 def test_seed_layout_and_the_folder_itself_are_both_accepted(tmp_path: Path):

@@ -220,7 +220,7 @@ def test_dtype_auto_is_the_cpus_native_half_precision_and_is_recorded(cli, tiny_
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_dtype_auto_follows_the_hardware(monkeypatch, native_bf16):
     from jobs import models
-    from jobs.config import BadInput
+    from jobs.errors import BadInput
 
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native_bf16)
     cpu = torch.device("cpu")
@@ -236,11 +236,11 @@ def test_batched_forward_pass_keeps_items_in_order(tiny_model):
     decodes one image at a time. (Bit-exactness is not asserted here: on a CPU, BLAS rounds batched rows
     differently, which is why CPUs render one at a time.)"""
     from jobs.config import GenerateConfig, load
-    from jobs.inference import prepare_pipeline, render
+    from jobs.inference import TEXT_TO_IMAGE, prepare_pipeline, render
     from jobs.prompts import WorkItem
 
     env = {"MODEL_NAME": str(tiny_model), "SCHEDULER": "pndm", "DTYPE": "fp32"}
-    pipe, settings = prepare_pipeline(load(GenerateConfig, ["--prompt", "x"], env), "generate", 2, None)
+    pipe, settings = prepare_pipeline(load(GenerateConfig, ["--prompt", "x"], env), TEXT_TO_IMAGE, 2, None)
     decoded_batches = []
     pipe.vae.decoder.register_forward_hook(lambda module, args, output: decoded_batches.append(len(args[0])))
     items = [

@@ -16,19 +16,14 @@ import pytest
 import yaml
 from manifests import RENDERINGS, REPO, component, kustomize, pods, rendering
 
-from jobs.config import LAUNCHER_VARIABLES, FinetuneConfig, GenerateConfig, Img2ImgConfig, JobConfig, LoraConfig
+from jobs.config import LAUNCHER_VARIABLES, JobConfig
 from jobs.launch import Topology, topology
+from jobs.registry import JOBS
 
 BIN = Path(sys.executable).parent
 ALL = pytest.mark.parametrize("name", RENDERINGS)
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
-CONFIGS = {
-    "generate": GenerateConfig,
-    "img2img": Img2ImgConfig,
-    "finetune": FinetuneConfig,
-    "lora": LoraConfig,
-    "prefetch": JobConfig,  # `hf download $(MODEL_NAME)`
-}
+CONFIGS = {name: job.config for name, job in JOBS.items()} | {"prefetch": JobConfig}  # `hf download $(MODEL_NAME)`
 RECOMMENDED_LABELS = {
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from tiny_dataset import write_dataset
 
-from jobs.config import BadInput
+from jobs.errors import BadInput
 from jobs.launch import Topology, accelerate_launch, inside_launcher, topology
 
 TARGET = ["-m", "jobs.cli", "lora", "--max_train_steps", "10"]
@@ -195,13 +194,12 @@ def test_sigterm_reaches_every_process_and_is_waited_for(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.glob("*.stopped")) == ["rank-0.stopped", "rank-1.stopped"], output[-3000:]
 
 
-def test_lora_job_runs_two_cpu_processes_when_the_pod_asks(tmp_path: Path, tiny_model: Path) -> None:
+def test_lora_job_runs_two_cpu_processes_when_the_pod_asks(tmp_path: Path, tiny_model: Path, dataset: Path) -> None:
     """`pai-diffusion lora` configured by env vars, as in a pod, with NPROC_PER_NODE=2: one run, two ranks."""
     output = tmp_path / "lora"
     settings = {"RESOLUTION": 32, "TRAIN_BATCH_SIZE": 1, "MAX_TRAIN_STEPS": 2, "CHECKPOINTING_STEPS": 2}
     settings |= {"LR_WARMUP_STEPS": 0, "REPORT_TO": "none", "NPROC_PER_NODE": 2}
     job = [Path(sys.executable).parent / "pai-diffusion", "lora"]
-    dataset = write_dataset(tmp_path / "data")
     code, log = finish(start(job, MODEL_NAME=tiny_model, TRAIN_DIR=dataset, OUTPUT_DIR=output, **settings))
     assert code == 0, log[-3000:]
     assert '"message": "launching 2 processes"' in log and '"processes": 2' in log
