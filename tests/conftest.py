@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from tiny_dataset import write_dataset  # noqa: E402
 from tiny_model import build  # noqa: E402
 
 
@@ -27,6 +28,21 @@ from tiny_model import build  # noqa: E402
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PAI-shaped pipeline folder with random weights; treat it as read-only."""
     return build(tmp_path_factory.mktemp("model") / "pai-tiny")
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five captioned images in the seed's layout (folder/train/metadata.jsonl); treat it as read-only."""
+    return write_dataset(tmp_path_factory.mktemp("dataset") / "folder")
+
+
+def training_flags(data: Path, output: Path, **options: object) -> list[str]:
+    """The flags of a short training run on the tiny model: its data and output, 32 px, and `options`
+    as flags (`rank=8` is `--rank 8`, `no_save_merged=True` the bare `--no_save_merged`)."""
+    flags = ["--train_data_dir", str(data), "--output_dir", str(output), "--resolution", "32"]
+    for name, value in options.items():
+        flags += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return flags
 
 
 @pytest.fixture

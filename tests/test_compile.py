@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import training_flags
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_dataset import write_dataset
 
 
 @pytest.fixture
@@ -27,9 +27,10 @@ def compiled_graphs():
 
 
 def lora_run(cli, model: Path, data: Path, output: Path, **env: object) -> None:
-    args = ("--train_data_dir", data, "--output_dir", output, "--resolution", 32, "--train_batch_size", 2)
-    args += ("--max_train_steps", 2, "--checkpointing_steps", 1, "--learning_rate", "1e-3", "--seed", 0)
-    args += ("--lr_warmup_steps", 0, "--gradient_checkpointing", "--no_save_merged")
+    args = training_flags(
+        data, output, train_batch_size=2, max_train_steps=2, checkpointing_steps=1, learning_rate="1e-3", seed=0,
+        lr_warmup_steps=0, gradient_checkpointing=True, no_save_merged=True,
+    )  # fmt: skip
     assert cli("lora", *args, MODEL_NAME=model, **env) == 0
 
 
@@ -37,11 +38,12 @@ def losses(output: Path) -> list[float]:
     return [loss for _, loss in json.loads((output / "trainer_state.json").read_text())["loss_history"]]
 
 
-def test_compiled_lora_trains_like_eager_and_checkpoints_the_same_keys(tiny_model, tmp_path, cli, compiled_graphs):
-    data = write_dataset(tmp_path / "data", count=4)
-    lora_run(cli, tiny_model, data, tmp_path / "eager")
+def test_compiled_lora_trains_like_eager_and_checkpoints_the_same_keys(
+    tiny_model, dataset, tmp_path, cli, compiled_graphs
+):
+    lora_run(cli, tiny_model, dataset, tmp_path / "eager")
     assert compiled_graphs() == 0
-    lora_run(cli, tiny_model, data, tmp_path / "compiled", COMPILE="true")
+    lora_run(cli, tiny_model, dataset, tmp_path / "compiled", COMPILE="true")
     assert compiled_graphs() > 0
 
     eager_losses, compiled_losses = (losses(tmp_path / run) for run in ("eager", "compiled"))

@@ -9,7 +9,6 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from tiny_dataset import write_dataset
 
 PROMPT = "一只可爱的猫坐在窗台上"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -81,7 +80,9 @@ def test_lora_matching_no_layer_is_bad_input(cli, capsys, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
-def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, tiny_model, tmp_path, mixed_precision):
+def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(
+    cli, tiny_model, dataset, tmp_path, mixed_precision
+):
     """What the `lora` job writes is what `generate` reads: base + LORA_PATH renders as the merged pipeline,
     also after training in bf16 (the merged copy is built from the fp32 base, not the loop's bf16 UNet)."""
     trained = tmp_path / "trained"
@@ -89,7 +90,7 @@ def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(cli, ti
         cli(
             "lora",
             f"--pretrained_model_name_or_path={tiny_model}",
-            f"--train_data_dir={write_dataset(tmp_path / 'data')}",
+            f"--train_data_dir={dataset}",
             "--resolution=32",
             "--train_batch_size=2",
             "--max_train_steps=2",

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_process
+from conftest import run_process, training_flags
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
-from tiny_dataset import write_dataset
 
 BIN = Path(sys.executable).parent
 
@@ -65,12 +64,6 @@ def loss_history(output: Path) -> list[list[float]]:
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five images in the seed's layout: folder/train/metadata.jsonl."""
-    return write_dataset(tmp_path_factory.mktemp("dataset") / "folder")
 
 
 def test_seed_finetune_command_trains_and_its_output_loads_as_in_the_seed(tiny_model, dataset, tmp_path):
@@ -124,13 +117,11 @@ def test_seed_lora_command_output_loads_merged_and_with_stock_load_lora_weights(
 
 def test_lora_rank_alpha_text_encoder_without_merged_copy(tiny_model, dataset, tmp_path, cli):
     output = tmp_path / "lora"
-    code = cli(
-        "lora",
-        *("--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--train_batch_size", 2),
-        *("--max_train_steps", 2, "--learning_rate", "1e-3", "--lr_warmup_steps", 0, "--seed", 0),
-        *("--rank", 8, "--lora_alpha", 16, "--train_text_encoder", "--no_save_merged"),
-        MODEL_NAME=tiny_model,
-    )
+    flags = training_flags(
+        dataset, output, train_batch_size=2, max_train_steps=2, learning_rate="1e-3", lr_warmup_steps=0, seed=0,
+        rank=8, lora_alpha=16, train_text_encoder=True, no_save_merged=True,
+    )  # fmt: skip
+    code = cli("lora", *flags, MODEL_NAME=tiny_model)
     assert code == 0
     assert (output / "pytorch_lora_weights.safetensors").is_file()
     assert not (output / "model_index.json").exists()
@@ -148,10 +139,10 @@ def test_lora_rank_alpha_text_encoder_without_merged_copy(tiny_model, dataset, t
 
 def test_truncated_newest_checkpoint_is_skipped_and_the_total_limit_holds(tiny_model, dataset, tmp_path, cli, capfd):
     output = tmp_path / "out"
-    common = (
-        *("--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--train_batch_size", 2),
-        *("--checkpointing_steps", 1, "--checkpoints_total_limit", 2, "--lr_warmup_steps", 0, "--no_save_merged"),
-    )
+    common = training_flags(
+        dataset, output, train_batch_size=2, checkpointing_steps=1, checkpoints_total_limit=2, lr_warmup_steps=0,
+        no_save_merged=True,
+    )  # fmt: skip
     assert cli("lora", *common, "--max_train_steps", 3, MODEL_NAME=tiny_model) == 0
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
 
@@ -169,7 +160,7 @@ def test_truncated_newest_checkpoint_is_skipped_and_the_total_limit_holds(tiny_m
 def test_a_checkpoint_that_fails_to_load_with_none_before_it_stops_the_job(tiny_model, dataset, tmp_path, cli, capfd):
     """Part of it may already be in the model, so starting afresh would silently train from a mix."""
     output = tmp_path / "out"
-    common = ("--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--no_save_merged")
+    common = training_flags(dataset, output, no_save_merged=True)
     assert cli("lora", *common, "--max_train_steps", 1, "--checkpointing_steps", 1, MODEL_NAME=tiny_model) == 0
     corrupt = output / "checkpoint-1" / "optimizer.bin"
     corrupt.write_bytes(bytes(corrupt.stat().st_size))  # same size, unreadable
@@ -181,11 +172,10 @@ def test_a_checkpoint_that_fails_to_load_with_none_before_it_stops_the_job(tiny_
 
 def test_latent_cache_is_built_once_and_reused_on_resume(tiny_model, dataset, tmp_path, cli, capfd):
     output = tmp_path / "out"
-    common = (
-        *("--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--random_flip"),
-        *("--cache_latents", "--checkpointing_steps", 2, "--lr_warmup_steps", 0),
-        *("--prediction_type", "v_prediction", "--snr_gamma", 5.0, "--noise_offset", 0.05),
-    )
+    common = training_flags(
+        dataset, output, random_flip=True, cache_latents=True, checkpointing_steps=2, lr_warmup_steps=0,
+        prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.05,
+    )  # fmt: skip
     assert cli("lora", *common, "--max_train_steps", 2, MODEL_NAME=tiny_model) == 0
     (cache,) = (output / "latent-cache").glob("*.safetensors")
     tensors = load_file(cache)
@@ -236,10 +226,11 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     output = tmp_path / "out"
     launch = [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", 2, "--num_machines", 1]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.lora"]
-    args = ["--train_data_dir", dataset, "--output_dir", output, "--resolution", 32, "--train_batch_size", 1]
-    args += ["--max_train_steps", 2, "--checkpointing_steps", 1, "--lr_warmup_steps", 0, "--seed", 0]
-    args += ["--validation_prompt", "一只猫", "--num_validation_images", 1, "--validation_steps", 2]
-    args += ["--cache_latents", "--random_flip"]  # each process encodes half, the main process joins them
+    args = training_flags(
+        dataset, output, train_batch_size=1, max_train_steps=2, checkpointing_steps=1, lr_warmup_steps=0, seed=0,
+        validation_prompt="一只猫", num_validation_images=1, validation_steps=2,
+        cache_latents=True, random_flip=True,  # each process encodes half, the main process joins them
+    )  # fmt: skip
     result = run_process([str(a) for a in launch + args], env={"MODEL_NAME": tiny_model}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -262,7 +253,7 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
 
 def test_validation_runs_every_validation_epochs_or_every_validation_steps():
     from jobs.config import LoraConfig
-    from jobs.train import validation_due
+    from jobs.validation import validation_due
 
     # 3 micro-batches an epoch, 2 a step: epochs end in steps 2, 3, 5, 6, 8, 9; every second one in 3, 6, 9.
     config = LoraConfig(train_data_dir=".", validation_prompt="猫", gradient_accumulation_steps=2, validation_epochs=2)

@@ -17,20 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_process
+from conftest import REPO, run_process, training_flags
 from safetensors.torch import load_file
-from tiny_dataset import write_dataset
 
 MAX_STEPS = 6
 
 
 def finetune_command(model: Path, data: Path, output: Path) -> list[str]:
     # 5 images, batch 2, accumulation 2: 3 micro-batches an epoch, so steps straddle epochs.
-    args = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", output]
-    args += ["--resolution", 32, "--random_flip", "--train_batch_size", 2, "--gradient_accumulation_steps", 2]
-    args += ["--max_train_steps", MAX_STEPS, "--checkpointing_steps", 2, "--use_ema", "--seed", 0]
-    args += ["--learning_rate", "1e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", 1, "--report_to", "none"]
-    return [sys.executable, "-m", "jobs.finetune", *map(str, args)]
+    flags = training_flags(
+        data, output, pretrained_model_name_or_path=model, random_flip=True, train_batch_size=2,
+        gradient_accumulation_steps=2, max_train_steps=MAX_STEPS, checkpointing_steps=2, use_ema=True, seed=0,
+        learning_rate="1e-3", lr_scheduler="cosine", lr_warmup_steps=1, report_to="none",
+    )  # fmt: skip
+    return [sys.executable, "-m", "jobs.finetune", *flags]
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen:
@@ -63,11 +63,6 @@ def assert_same_run(output: Path, reference: tuple[list, dict[str, torch.Tensor]
 def resumed_from(log: str) -> int:
     (line,) = [json.loads(line) for line in log.splitlines() if '"message": "resuming"' in line]
     return line["step"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("dataset") / "folder")
 
 
 @pytest.fixture(scope="module")
