@@ -47,8 +47,8 @@ def alias(*names: str) -> AliasChoices:
     return AliasChoices(*names)
 
 
-class JobConfig(BaseSettings):
-    """Options every job shares: which model, where it goes, on what device."""
+class Options(BaseSettings):
+    """How every job reads its options: flags, env vars and YAML, unknown names refused."""
 
     model_config = SettingsConfigDict(
         case_sensitive=False,
@@ -61,6 +61,15 @@ class JobConfig(BaseSettings):
         validate_default=True,
     )
 
+
+class HubOptions(Options):
+    cache_dir: Path | None = Field(None, description="Where hub downloads are cached (default HF_HOME).")
+    hf_token: SecretStr | None = Field(None, description="Hub token for private models (env HF_TOKEN).")
+
+
+class JobConfig(HubOptions):
+    """Options every job with a model shares: which model, on what device."""
+
     pretrained_model_name_or_path: str = Field(
         DEFAULT_MODEL,
         validation_alias=alias("pretrained_model_name_or_path", "model_name"),
@@ -68,9 +77,7 @@ class JobConfig(BaseSettings):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     variant: str | None = Field(None, description="Weights variant, e.g. fp16.")
-    cache_dir: Path | None = Field(None, description="Where hub downloads are cached (default HF_HOME).")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps.")
-    hf_token: SecretStr | None = Field(None, description="Hub token for private models (env HF_TOKEN).")
     compile: bool = Field(False, description="torch.compile the UNet: a slower start for faster steps, for long runs.")
 
 
@@ -142,21 +149,35 @@ class Img2ImgConfig(InferenceConfig):
         return self
 
 
-class TrainConfig(JobConfig):
-    """Options of EasyNLP's finetune.py / lora.py (diffusers' training examples), same defaults."""
+class DataOptions(HubOptions):
+    """Where training records come from (jobs/sources.py): for the training jobs and `pack`."""
 
-    output_dir: Path = Field(Path("sd-model-finetuned"), description="Checkpoints and the final model.")
-    dataset_name: str | None = Field(None, description="A `datasets` dataset instead of --train_data_dir.")
+    dataset_name: str | None = Field(
+        None, description="A `datasets` dataset, streamed (wins over TRAIN_DIR, as upstream)."
+    )
     dataset_config_name: str | None = None
-    train_data_dir: Path | None = Field(
+    train_data_dir: str | None = Field(
         None,
         validation_alias=alias("train_data_dir", "train_dir"),
-        description="Image folder with metadata.jsonl, or its parent holding train/ (env TRAIN_DIR works too).",
+        description="A folder with metadata.jsonl (or its parent holding train/), WebDataset or parquet shards;"
+        " a path or an s3://, gs://, https:// URL (env TRAIN_DIR works too).",
     )
     image_column: str = "image"
     caption_column: str = "text"
     max_train_samples: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, description="Seed of the data order, augmentation and, for training, the run.")
+
+    @model_validator(mode="after")
+    def _need_data(self) -> DataOptions:
+        if self.dataset_name is None and self.train_data_dir is None:
+            raise ValueError("no training data: set TRAIN_DIR (--train_data_dir) or --dataset_name")
+        return self
+
+
+class TrainConfig(JobConfig, DataOptions):
+    """Options of EasyNLP's finetune.py / lora.py (diffusers' training examples), same defaults."""
+
+    output_dir: Path = Field(Path("sd-model-finetuned"), description="Checkpoints and the final model.")
     resolution: int = Field(512, ge=8, multiple_of=8)
     center_crop: bool = False
     random_flip: bool = False
@@ -205,14 +226,27 @@ class TrainConfig(JobConfig):
     validation_epochs: int = Field(1, ge=1)
     validation_steps: int | None = Field(None, ge=1)
     cache_latents: bool = Field(
-        False, description="Encode images and captions once and reuse them every epoch (and on resume)."
+        False,
+        description="Encode each image and caption once, into a cache on disk that later epochs, resumed and"
+        " later runs read.",
+    )
+    latent_cache_dir: Path | None = Field(
+        None, description="Where --cache_latents keeps its cache (default OUTPUT_DIR/latent-cache); shareable."
+    )
+    max_bad_samples: int | None = Field(
+        None,
+        ge=0,
+        description="Images that fail to decode before the run stops (default: 1% of the records, at least 10).",
     )
 
-    @model_validator(mode="after")
-    def _need_data(self) -> TrainConfig:
-        if self.dataset_name is None and self.train_data_dir is None:
-            raise ValueError("no training data: set TRAIN_DIR (--train_data_dir) or --dataset_name")
-        return self
+
+class PackConfig(DataOptions):
+    """Any training source into WebDataset or parquet shards that TRAIN_DIR then reads."""
+
+    output_dir: str = Field(description="The folder (a path or an s3://, gs:// URL) the shards and index.json go to.")
+    format: Literal["webdataset", "parquet"] = "webdataset"
+    shard_size: int = Field(1000, ge=1, description="Records per shard.")
+    dataloader_num_workers: int = Field(0, ge=0, description="Decoding threads (0: as many as the CPU has).")
 
 
 class FinetuneConfig(TrainConfig):
@@ -232,7 +266,7 @@ class LoraConfig(TrainConfig):
     no_save_merged: bool = Field(False, description="Save only the LoRA weights, not a merged pipeline.")
 
 
-Config = TypeVar("Config", bound=JobConfig)
+Config = TypeVar("Config", bound=Options)
 
 
 def load(
@@ -301,7 +335,7 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{field.upper()} (--{field}): {message} (got {error.get('input')!r})"
 
 
-def settings(config: JobConfig) -> dict[str, Any]:
+def settings(config: Options) -> dict[str, Any]:
     """The resolved configuration as JSON values, secrets masked: the job's first log line, the run record."""
     values = {}
     for name, value in config.model_dump().items():
@@ -311,5 +345,5 @@ def settings(config: JobConfig) -> dict[str, Any]:
     return values
 
 
-def describe(config: JobConfig) -> str:
+def describe(config: Options) -> str:
     return json.dumps({"config": settings(config)}, ensure_ascii=False)

@@ -1,169 +1,49 @@
-"""Training data: captioned images from a metadata.jsonl folder or a `datasets` dataset.
+"""Training data in the order of the run: the batch plan, and the loader that reads, decodes and transforms.
 
-The whole dataset is checked before any model is loaded, and every problem is reported at once
-with its line number, because a bad record found after an hour of training wastes the hour.
-
-Randomness is derived from (seed, epoch, index) rather than drawn from a global generator: a
-resumed run then crops, flips and orders every example exactly as the interrupted run would
-have, without reading the batches it skips.
+Randomness is derived from (seed, epoch, index), never drawn from a global generator: a resumed run
+orders, crops and flips every record exactly as the interrupted run would have, without reading
+the batches it skips, and whatever the number of threads. The order comes from the shard sizes
+alone (`BatchPlan`); records are read a window at a time, the next window read ahead on a thread
+(sequential reads suit object storage and tar files), and decoded on a thread pool (PIL releases
+the GIL while it decodes and resizes). An image that cannot be used is replaced by the next good
+one of its window, and counted (`BadSamples`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import logging
 import math
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from jobs import atomic
 from jobs.config import TrainConfig
 from jobs.errors import BadInput
+from jobs.records import Sample, ShardCursors, Source
+
+if TYPE_CHECKING:
+    from jobs.latent_cache import LatentCache
 
 log = logging.getLogger("jobs")
 
-METADATA = "metadata.jsonl"
-
-
-@dataclass
-class Examples:
-    """The training examples: one caption each, and how to open each one's image."""
-
-    captions: list[str]
-    open_image: Callable[[int], Image.Image]
-    fingerprint: str  # identifies the content, for the latent cache key
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def subset(self, indices: list[int]) -> Examples:
-        chosen = list(indices)
-        return Examples(
-            captions=[self.captions[i] for i in chosen],
-            open_image=lambda i: self.open_image(chosen[i]),
-            fingerprint=_digest(self.fingerprint, chosen),
-        )
-
-
-def load_examples(config: TrainConfig) -> Examples:
-    """The examples the config names, checked, and cut to --max_train_samples as upstream does."""
-    if config.dataset_name:
-        examples = _hub_examples(config)
-    else:
-        examples = _folder_examples(find_image_folder(config.train_data_dir), config.caption_column)
-    if config.max_train_samples and config.max_train_samples < len(examples):
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(data_seed(config)))
-        examples = examples.subset(order[: config.max_train_samples].tolist())
-    return examples
+# Records shuffled together, and read ahead as one unit: about 100 MB of 512 px JPEGs.
+WINDOW_RECORDS = 1024
+READ_AHEAD_WINDOWS = 1
+DECODE_AHEAD_BATCHES = 2
 
 
 def data_seed(config: TrainConfig) -> int:
     """The seed of data order and augmentation; fixed even without --seed, so a resumed run sees the same data."""
     return config.seed if config.seed is not None else 0
-
-
-def find_image_folder(path: Path) -> Path:
-    """The folder holding metadata.jsonl: `path` itself or, in the seed's layout, `path/train`."""
-    for folder in (path, path / "train"):
-        if (folder / METADATA).is_file():
-            return folder
-    raise BadInput(f"TRAIN_DIR {path}: no {METADATA} in it or in {path / 'train'}")
-
-
-def _folder_examples(folder: Path, caption_column: str) -> Examples:
-    metadata = folder / METADATA
-    root = folder.resolve()
-    files: list[Path] = []
-    captions: list[str] = []
-    problems: list[str] = []
-    for number, raw in enumerate(metadata.read_bytes().splitlines(), start=1):
-        problem = None
-        try:
-            line = raw.decode("utf-8").strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except UnicodeDecodeError:
-            problem = "not UTF-8 text"
-        except ValueError as error:
-            problem = f"malformed JSON ({error})"
-        else:
-            path, problem = _check_file_name(record.get("file_name"), root)
-            caption = record.get(caption_column)
-            if problem is None and not (isinstance(caption, str) and caption.strip()):
-                problem = f"empty or missing caption {caption_column!r}"
-            if problem is None:
-                files.append(path)
-                captions.append(caption)
-        if problem:
-            problems.append(f"line {number}: {problem}")
-    if not problems and not files:
-        problems.append("no records")
-    if problems:
-        raise BadInput(f"dataset {metadata}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-    versions = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]  # an edited image changes it
-    return Examples(captions, lambda i: _open_rgb(files[i]), _digest(versions, captions))
-
-
-def _check_file_name(name: object, root: Path) -> tuple[Path | None, str | None]:
-    """The image a record names, or why it cannot be used (missing, outside the folder, unreadable)."""
-    if not isinstance(name, str) or not name:
-        return None, "no file_name"
-    path = Path(os.path.normpath(root / name))  # lexically: `..` and absolute paths escape, symlinks are fine
-    if not path.is_relative_to(root):
-        return None, f"file_name {name!r} points outside the dataset folder"
-    if not path.is_file():
-        return None, f"file_name {name!r}: no such file"
-    try:
-        with Image.open(path) as image:
-            image.load()  # decodes every byte: a truncated file fails here, not mid-training
-    except (OSError, Image.DecompressionBombError) as error:
-        return None, f"image {name!r} cannot be read ({error})"
-    return path, None
-
-
-def _hub_examples(config: TrainConfig) -> Examples:
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(
-            config.dataset_name, config.dataset_config_name, cache_dir=config.cache_dir, split="train"
-        )
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise BadInput(f"DATASET_NAME {config.dataset_name}: {error}") from None
-    for column in (config.image_column, config.caption_column):
-        if column not in dataset.column_names:
-            raise BadInput(f"dataset {config.dataset_name} has no column {column!r}; it has {dataset.column_names}")
-    captions = list(dataset[config.caption_column])
-    problems = [
-        f"row {number}: empty or missing caption {config.caption_column!r}"
-        for number, caption in enumerate(captions, start=1)
-        if not (isinstance(caption, str) and caption.strip())
-    ]
-    if problems:
-        raise BadInput(f"dataset {config.dataset_name}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-    images = dataset.select_columns([config.image_column])
-    fingerprint = _digest(config.dataset_name, config.dataset_config_name, dataset._fingerprint)
-    return Examples(captions, lambda i: images[i][config.image_column].convert("RGB"), fingerprint)
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -196,37 +76,6 @@ class ImageTransform:
         return pixels.flip(-1) if flip else pixels
 
 
-class TrainingSet(torch.utils.data.Dataset):
-    """Examples keyed by (epoch, index): pixels and token ids, or their cached encodings."""
-
-    def __init__(self, examples: Examples, transform: ImageTransform, tokenizer, seed: int, cache: LatentCache | None):
-        self.examples, self.transform, self.tokenizer, self.seed, self.cache = (
-            examples,
-            transform,
-            tokenizer,
-            seed,
-            cache,
-        )
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key
-        rng = np.random.default_rng((self.seed, epoch, index))
-        item = {}
-        if self.cache is not None:
-            item["latent_dist"] = self.cache.latent_dists[index, int(self.transform.flips(rng))]
-        else:
-            image = self.transform.crop(self.examples.open_image(index), rng)
-            item["pixel_values"] = self.transform.to_tensor(image, self.transform.flips(rng))
-        if self.cache is not None and self.cache.text_embeddings is not None:
-            item["text_embeddings"] = self.cache.text_embeddings[index]
-        else:
-            item["input_ids"] = tokenize(self.tokenizer, [self.examples.captions[index]])[0]
-        return item
-
-
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's own length (32 for the tiny model, 77 for CLIP; PAI says so itself)."""
     return tokenizer(
@@ -235,120 +84,288 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 class BatchPlan:
-    """Which examples each micro-batch of the run holds, computable from the batch's number alone.
+    """Which records each micro-batch of the run holds, computable from the batch's number and the shard sizes.
 
-    Every epoch is a seeded permutation, padded to split evenly across processes (so all take
-    the same number of steps and none waits forever), then cut into batches. Resuming at batch
-    N asks for batch N directly: nothing before it is read or decoded.
+    An epoch's order is the same for any number of processes: the shards in a seeded order, cut into
+    windows of WINDOW_RECORDS consecutive records, each window in a seeded order of its own. Process
+    r takes the r-th of `world_size` equal parts of it, the last one padded from the start: processes
+    read different shards, and all take the same number of steps, so none waits for another at the
+    end of an epoch. Resuming at micro-batch N asks for batch N directly.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.batch_size, self.seed, self.rank, self.world_size = size, batch_size, seed, rank, world_size
-        self.per_process = math.ceil(size / world_size)
+    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.total = int(self.sizes.sum())
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.per_process = math.ceil(self.total / world_size)
         self.batches_per_epoch = math.ceil(self.per_process / batch_size)
-        self._order_epoch, self._order = -1, []
+        self._orders: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # the loader's read-ahead thread asks too
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        """This process's share of the epoch's permutation (kept for the epoch's next batches)."""
-        if self._order_epoch != epoch:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-            padded = (order * self.world_size)[: self.per_process * self.world_size]
-            self._order_epoch, self._order = epoch, padded[self.rank :: self.world_size]
-        return self._order
+    def order(self, epoch: int) -> np.ndarray:
+        """Every record index of the epoch, in the epoch's order (8 bytes a record; the last two epochs kept)."""
+        with self._lock:
+            if epoch not in self._orders:
+                shards = np.random.default_rng((self.seed, epoch)).permutation(len(self.sizes))
+                stream = np.concatenate([np.arange(self.starts[s], self.starts[s] + self.sizes[s]) for s in shards])
+                for first in range(0, self.total, WINDOW_RECORDS):
+                    window = stream[first : first + WINDOW_RECORDS]
+                    window[:] = window[np.random.default_rng((self.seed, epoch, first)).permutation(len(window))]
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1} | {epoch: stream}
+            return self._orders[epoch]
+
+    def positions(self, number: int) -> tuple[int, np.ndarray]:
+        """The epoch of micro-batch `number` and the positions of its records in the epoch's order."""
+        epoch, index = divmod(number, self.batches_per_epoch)
+        start = self.rank * self.per_process + index * self.batch_size
+        stop = min(start + self.batch_size, (self.rank + 1) * self.per_process)
+        return epoch, np.arange(start, stop) % self.total
 
     def batch(self, number: int) -> list[tuple[int, int]]:
-        epoch, position = divmod(number, self.batches_per_epoch)
-        mine = self._epoch_order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
-        return [(epoch, index) for index in mine]
+        """(epoch, record index) of each record of micro-batch `number`."""
+        epoch, positions = self.positions(number)
+        return [(epoch, int(index)) for index in self.order(epoch)[positions]]
 
-    def batches(self, start: int, stop: int) -> Iterator[list[tuple[int, int]]]:
-        return (self.batch(number) for number in range(start, stop))
+    def shard_of(self, index: int) -> tuple[int, int]:
+        """The shard a record index is in, and its place in that shard."""
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return shard, index - int(self.starts[shard])
 
 
 @dataclass
-class LatentCache:
-    """VAE latent distributions per example and flip, and text embeddings when the text encoder is frozen."""
+class BadSamples:
+    """Records that could not be used (an image that does not decode, no caption), by record index."""
 
-    latent_dists: torch.Tensor  # [examples, 2 (as is, flipped), 2 * latent channels, h, w]: mean and log-variance
-    text_embeddings: torch.Tensor | None  # [examples, tokens, width]
+    limit: int
+    found: dict[int, str] = field(default_factory=dict)
 
-    @staticmethod
-    def key(config: TrainConfig, examples: Examples, with_text: bool) -> str:
-        """Changes whenever what is cached would: model, data, resolution, crop, flip, text caching."""
-        return _digest(
-            config.pretrained_model_name_or_path,
-            config.revision,
-            config.variant,
-            examples.fingerprint,
-            config.resolution,
-            config.center_crop,
-            config.random_flip,
-            with_text,
-            data_seed(config),
-        )
+    def add(self, index: int, where: str, problem: str) -> None:
+        if index not in self.found:
+            log.warning("skipping a bad sample", extra={"fields": {"sample": where, "problem": problem}})
+            self.found[index] = f"{where}: {problem}"
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        found = {"latent_dists": self.latent_dists, "text_embeddings": self.text_embeddings}
-        return {name: tensor.contiguous() for name, tensor in found.items() if tensor is not None}
-
-    @classmethod
-    def load_or_build(cls, path: Path, encode: ExampleEncoder, accelerator) -> LatentCache:
-        """Reuse the file at `path`, or build it: every process encodes its share, the main process joins them.
-
-        Shares keep a big dataset from holding the other GPUs at a barrier until it times out.
-        """
-        rank, world = accelerator.process_index, accelerator.num_processes
-        reused = path.is_file()
-        if not reused:
-            if accelerator.is_main_process:
-                log.info("encoding the dataset once for --cache_latents", extra={"fields": {"cache": str(path)}})
-            path.parent.mkdir(parents=True, exist_ok=True)
-            parts = [path.with_name(f"{path.stem}.part-{r}-of-{world}") for r in range(world)]
-            save_file(encode(range(rank, encode.size, world)).tensors(), parts[rank])
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                shares = [load_file(part) for part in parts]
-                joined = {}
-                for name, first in shares[0].items():  # example i is row i // world of share i % world
-                    joined[name] = torch.empty((encode.size, *first.shape[1:]), dtype=first.dtype)
-                    for r, share in enumerate(shares):
-                        joined[name][r::world] = share[name]
-                with atomic.replacing(path) as temporary:
-                    save_file(joined, temporary)
-                for part in parts:
-                    part.unlink()
-        accelerator.wait_for_everyone()
-        if reused and accelerator.is_main_process:
-            log.info("reusing the latent cache", extra={"fields": {"cache": str(path)}})
-        tensors = load_file(path)
-        return cls(tensors["latent_dists"], tensors.get("text_embeddings"))
+    def check(self, total: int) -> None:
+        """Stop the run, naming them, once more than the limit are bad (`total`: all processes' count)."""
+        if total > self.limit:
+            listed = "\n  ".join(sorted(self.found.values())[:50])
+            raise BadInput(
+                f"{total} bad samples, more than --max_bad_samples={self.limit}; this process found:\n  {listed}"
+            )
 
 
-class ExampleEncoder:
-    """Encodes examples through the VAE (each image and, with --random_flip, its mirror) and the text encoder.
+@dataclass
+class Item:
+    """One record of a micro-batch, ready for the step (or for the latent cache's encoder)."""
 
-    With random crops the crop is drawn once per image (as epoch 0 would), since a cache holds one.
-    """
+    index: int
+    flip: bool
+    pixel_values: torch.Tensor | None = None  # transformed; both flips when the latent cache must encode it
+    latent_dist: torch.Tensor | None = None  # from the latent cache, both flips
+    text_embeddings: torch.Tensor | None = None  # from the latent cache
+    input_ids: torch.Tensor | None = None
+
+
+class Loader:
+    """Micro-batches of `plan` from `source`: items in plan order, read ahead and decoded on threads."""
 
     def __init__(
-        self, examples: Examples, transform: ImageTransform, seed: int, vae, text_encoder, tokenizer, with_text
+        self,
+        source: Source,
+        plan: BatchPlan,
+        transform: ImageTransform,
+        tokenizer,
+        seed: int,
+        cache: LatentCache | None,
+        threads: int,
+        bad: BadSamples,
     ):
-        self.examples, self.transform, self.seed, self.with_text = examples, transform, seed, with_text
-        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
-        self.size = len(examples)
+        self.source, self.plan, self.transform, self.tokenizer = source, plan, transform, tokenizer
+        self.seed, self.cache, self.threads, self.bad = seed, cache, threads, bad
 
-    @torch.no_grad()
-    def __call__(self, indices: range) -> LatentCache:
-        flips = [False, True] if self.transform.random_flip else [False]
-        latent_dists, text_embeddings = [], []
-        for index in indices:
-            image = self.transform.crop(self.examples.open_image(index), np.random.default_rng((self.seed, 0, index)))
+    def batches(self, start: int, stop: int) -> Iterator[list[Item]]:
+        """Micro-batches `start` to `stop - 1`, each a list of items in plan order."""
+        windows = WindowReader(self, start, stop)
+        pending: deque[list[Future]] = deque()
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="decode") as pool:
+            try:
+                for number in range(start, stop):
+                    pending.append(self._submit(number, windows, pool))
+                    if len(pending) > DECODE_AHEAD_BATCHES:
+                        yield [future.result() for future in pending.popleft()]
+                while pending:
+                    yield [future.result() for future in pending.popleft()]
+            finally:
+                windows.close()
+
+    def _submit(self, number: int, windows: WindowReader, pool: ThreadPoolExecutor) -> list[Future]:
+        epoch, positions = self.plan.positions(number)
+        futures = []
+        for position in positions:
+            window = windows.get(epoch, int(position) // WINDOW_RECORDS)
+            futures.append(pool.submit(self._prepare_or_substitute, epoch, int(position), window))
+        return futures
+
+    def _prepare_or_substitute(self, epoch: int, position: int, window: Window) -> Item:
+        """The record at `position`, or when it is bad the next good one of the window (deterministic)."""
+        start = window.positions.index(position)
+        for candidate in window.positions[start:] + window.positions[:start]:
+            index = window.records[candidate]
+            item = self.prepare(epoch, index, window.samples.get(index))
+            if item is not None:
+                return item
+        raise BadInput(f"all {len(window.positions)} records of a window are bad, e.g. {self.bad.found[index]}")
+
+    def prepare(self, epoch: int, index: int, sample: Sample | None) -> Item | None:
+        """One record as the step takes it, or None (and counted) if it cannot be used."""
+        rng = np.random.default_rng((self.seed, epoch, index))
+        cached = self.cache.get(index) if self.cache is not None else None
+        if cached is not None:
+            return Item(index, self.transform.flips(rng), **cached)
+        assert sample is not None, f"record {index} was not read"
+        problem = sample.problem or self._problem(sample)
+        if problem is None:
+            try:
+                with Image.open(io.BytesIO(sample.image)) as image:
+                    image.load()  # decodes every byte: a truncated file fails here
+                    rgb = image.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                problem = f"image cannot be decoded ({error})"
+        if problem is not None:
+            self.bad.add(index, sample.where, problem)
+            return None
+        ids = tokenize(self.tokenizer, [sample.caption])[0]
+        if self.cache is not None:  # encoded once, with the crop epoch 0 draws, both flips when flipping
+            image = self.transform.crop(rgb, np.random.default_rng((self.seed, 0, index)))
+            flips = [False, True] if self.transform.random_flip else [False]
             pixels = torch.stack([self.transform.to_tensor(image, flip) for flip in flips])
-            latent_dists.append(self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters)
-            if self.with_text:
-                ids = tokenize(self.tokenizer, [self.examples.captions[index]]).to(self.text_encoder.device)
-                text_embeddings.append(self.text_encoder(ids, return_dict=False)[0][0])
-        return LatentCache(
-            torch.stack(latent_dists).float().cpu(),
-            torch.stack(text_embeddings).float().cpu() if self.with_text else None,
+            return Item(index, self.transform.flips(rng), pixel_values=pixels, input_ids=ids)
+        image = self.transform.crop(rgb, rng)
+        return Item(
+            index, False, pixel_values=self.transform.to_tensor(image, self.transform.flips(rng)), input_ids=ids
         )
+
+    @staticmethod
+    def _problem(sample: Sample) -> str | None:
+        if not (isinstance(sample.caption, str) and sample.caption.strip()):
+            return "empty or missing caption"
+        if not sample.image:
+            return "no image"
+        return None
+
+
+def collate(items: list[Item], device: torch.device, cache: LatentCache | None) -> dict[str, torch.Tensor]:
+    """The step's batch: pixels and token ids, or with the latent cache latents (encoding those it
+    lacks) and text embeddings or token ids. Cached tensors keep the encoder's precision; the step
+    gets them in fp32, as it gets freshly encoded ones."""
+    if cache is None:
+        return {
+            "pixel_values": torch.stack([item.pixel_values for item in items]).to(device),
+            "input_ids": torch.stack([item.input_ids for item in items]).to(device),
+        }
+    for item in items:
+        if item.latent_dist is None:
+            cache.encode(item, device)
+    batch = {"latent_dist": torch.stack([item.latent_dist[int(item.flip)] for item in items]).to(device).float()}
+    if items[0].text_embeddings is not None:
+        batch["text_embeddings"] = torch.stack([item.text_embeddings for item in items]).to(device).float()
+    else:
+        batch["input_ids"] = torch.stack([item.input_ids for item in items]).to(device)
+    return batch
+
+
+@dataclass
+class Window:
+    """The records of one window that this process uses: their positions, indices and samples."""
+
+    epoch: int
+    number: int
+    positions: list[int]
+    records: dict[int, int]  # position -> record index
+    samples: dict[int, Sample]  # record index -> sample (none for records the latent cache holds)
+
+
+class WindowReader:
+    """Reads the windows that micro-batches `start` to `stop - 1` need, in order, one ahead on a thread.
+
+    Each window's records are read shard by shard, from where the last read of that shard stopped,
+    so a window that ends mid-shard hands the open stream to the next window."""
+
+    def __init__(self, loader: Loader, start: int, stop: int):
+        self.loader, self.plan = loader, loader.plan
+        self.ready: queue.Queue = queue.Queue(maxsize=READ_AHEAD_WINDOWS)
+        self.current: dict[tuple[int, int], Window] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._read_all, args=(start, stop), name="read-ahead", daemon=True)
+        self.thread.start()
+
+    def get(self, epoch: int, number: int) -> Window:
+        while (epoch, number) not in self.current:
+            window = self.ready.get()
+            if isinstance(window, BaseException):
+                raise window
+            self.current = {key: w for key, w in self.current.items() if key >= (window.epoch, window.number - 1)}
+            self.current[(window.epoch, window.number)] = window
+        return self.current[(epoch, number)]
+
+    def close(self) -> None:
+        self.stopping.set()
+        while self.thread.is_alive():
+            try:
+                self.ready.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+    def _windows(self, start: int, stop: int) -> Iterator[tuple[int, int, list[int]]]:
+        """(epoch, window number, this process's positions in it) in the order the batches need them."""
+        current, positions = None, []
+        for number in range(start, stop):
+            epoch, batch = self.plan.positions(number)
+            for position in batch.tolist():
+                key = (epoch, position // WINDOW_RECORDS)
+                if key != current and positions:
+                    yield (*current, positions)
+                    positions = []
+                current = key
+                positions.append(position)
+        if positions:
+            yield (*current, positions)
+
+    def _read_all(self, start: int, stop: int) -> None:
+        cursors = ShardCursors(self.loader.source)
+        cache, last_epoch = self.loader.cache, None
+        try:
+            for epoch, number, positions in self._windows(start, stop):
+                if cache is not None and epoch != last_epoch:  # what other processes wrote in the last epoch
+                    cache.refresh()
+                    last_epoch = epoch
+                window = self._read(epoch, number, positions, cursors)
+                while not self.stopping.is_set():
+                    try:
+                        self.ready.put(window, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if self.stopping.is_set():
+                    return
+        except BaseException as error:  # handed to the loop, which raises it
+            self.ready.put(error)
+        finally:
+            cursors.close()
+
+    def _read(self, epoch: int, number: int, positions: list[int], cursors: ShardCursors) -> Window:
+        order = self.plan.order(epoch)
+        records = {position: int(order[position]) for position in positions}
+        cache = self.loader.cache
+        wanted = sorted({index for index in records.values() if cache is None or not cache.holds(index)})
+        by_shard: dict[int, list[int]] = {}
+        for index in wanted:
+            shard, place = self.plan.shard_of(index)
+            by_shard.setdefault(shard, []).append(place)
+        samples = {}
+        for shard, places in by_shard.items():
+            first, needed = int(self.plan.starts[shard]), set(places)
+            for place, sample in cursors.read(shard, places[0], places[-1] + 1):
+                if place in needed:
+                    samples[first + place] = sample
+        return Window(epoch, number, positions, records, samples)

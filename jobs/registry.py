@@ -7,14 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.config import FinetuneConfig, GenerateConfig, Img2ImgConfig, JobConfig, LoraConfig
+from jobs.config import FinetuneConfig, GenerateConfig, Img2ImgConfig, LoraConfig, Options, PackConfig
 
 
 @dataclass(frozen=True)
 class Job:
     name: str
     summary: str
-    config: type[JobConfig]
+    config: type[Options]
     runner: str  # "module:function" taking the configuration, imported when the job starts (torch takes seconds)
     distributed: bool = False  # runs on every GPU of the pod, and on several pods (jobs/launch.py)
 
@@ -34,5 +34,6 @@ JOBS = {
         Job("img2img", "text-guided image editing", Img2ImgConfig, "jobs.inference:img2img"),
         Job("finetune", "full UNet fine-tuning", FinetuneConfig, "jobs.train:finetune", distributed=True),
         Job("lora", "LoRA fine-tuning", LoraConfig, "jobs.train:lora", distributed=True),
+        Job("pack", "a training dataset into WebDataset or parquet shards", PackConfig, "jobs.packing:pack"),
     )
 }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -28,11 +28,13 @@ from diffusers.training_utils import compute_snr
 from jobs import atomic, sigterm
 from jobs.checkpoints import keep_checkpoints_small, resume, resume_candidates, save_checkpoint
 from jobs.config import FinetuneConfig, LoraConfig, TrainConfig
-from jobs.data import BatchPlan, ExampleEncoder, ImageTransform, LatentCache, TrainingSet, data_seed, load_examples
+from jobs.data import BadSamples, BatchPlan, ImageTransform, Loader, collate, data_seed
 from jobs.errors import PREEMPTED_EXIT_CODE, BadInput
+from jobs.latent_cache import LatentCache, cache_folder
 from jobs.models import check_model_source, cpu_has_native_bf16
 from jobs.progress import Progress
 from jobs.run_record import hyperparameters, push_to_hub, write_run_record
+from jobs.sources import Source, open_source
 from jobs.strategies import FullFinetune, LoraFinetune, Strategy, load_base_pipeline
 from jobs.validation import validate, validation_due
 
@@ -60,29 +62,25 @@ class Run:
     max_train_steps: int = 0
     batches_per_epoch: int = 0  # micro-batches of each process
     examples: int = 0
+    bad: BadSamples | None = None
+    cache: LatentCache | None = None
 
 
 def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     """Fine-tune the model `config` names on its dataset; resume from the newest checkpoint if there is one."""
     check_before_loading(config)
-    examples = load_examples(config)
+    with process_state(config).main_process_first():  # the main process counts what must be counted, once
+        source = open_source(config, config.output_dir / "data-index.json")
     checkpoints = resume_candidates(config)
     run = load_models(config, strategy_cls)
-    plan, dataset = plan_data(run, examples)
+    loader = plan_data(run, source)
     trained, optimizer, lr_scheduler = make_optimizer(run)
     start_step, state = resume(run.accelerator, checkpoints)
     state.setdefault("loss_history", [])
-    micro_batches = iter(
-        torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=plan.batches(
-                start_step * config.gradient_accumulation_steps,
-                run.max_train_steps * config.gradient_accumulation_steps,
-            ),
-            num_workers=config.dataloader_num_workers,
-            generator=torch.Generator().manual_seed(run.seed),  # not the global RNG, which a checkpoint restores
-        )
-    )
+    if run.accelerator.is_main_process:
+        run.bad.found = {int(index): text for index, text in state.get("bad_samples", {}).items()}
+    accumulation = config.gradient_accumulation_steps
+    micro_batches = loader.batches(start_step * accumulation, run.max_train_steps * accumulation)
     speed = take_steps(run, micro_batches, trained, optimizer, lr_scheduler, start_step, state)
     finish(run, {**state, **speed})
 
@@ -124,15 +122,18 @@ def load_models(config: TrainConfig, strategy_cls: type[Strategy]) -> Run:
     return Run(config, accelerator, pipe, strategy, noise_scheduler, data_seed(config))
 
 
+def process_state(config: TrainConfig) -> PartialState:
+    """This process's place among the run's processes. Without a GPU accelerate is told so explicitly:
+    only then do several launched processes (torchrun, `accelerate launch --multi_gpu`) join one gloo
+    group instead of training alone."""
+    return PartialState(cpu=config.device == "cpu" or not torch.accelerator.is_available())
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator for this process. fp16 on a CPU becomes the CPU's native half precision (bf16,
-    as `DTYPE=auto` picks for inference) or, without bf16 instructions, fp32; one warning says which.
-
-    Without a GPU accelerate is told so explicitly: only then do several launched processes
-    (torchrun, `accelerate launch --multi_gpu`) join one gloo group instead of training alone.
-    """
-    cpu = config.device == "cpu" or not torch.accelerator.is_available()
-    state = PartialState(cpu=cpu)
+    as `DTYPE=auto` picks for inference) or, without bf16 instructions, fp32; one warning says which."""
+    state = process_state(config)
+    cpu = state.device.type == "cpu"
     mixed_precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision == "fp16" and state.device.type == "cpu":
         mixed_precision = "bf16" if cpu_has_native_bf16() else "no"
@@ -148,27 +149,23 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     )
 
 
-def plan_data(run: Run, examples) -> tuple[BatchPlan, TrainingSet]:
+def plan_data(run: Run, source: Source) -> Loader:
     """Micro-batches numbered across epochs, so step N always starts at micro-batch N * accumulation."""
     config, accelerator, pipe = run.config, run.accelerator, run.pipe
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
-    cache = None
+    sizes = [shard.size for shard in source.shards]
+    plan = BatchPlan(sizes, config.train_batch_size, run.seed, accelerator.process_index, accelerator.num_processes)
     if config.cache_latents:
         with_text = "text_encoder" not in run.strategy.models
-        cache = LatentCache.load_or_build(
-            config.output_dir / "latent-cache" / f"{LatentCache.key(config, examples, with_text)}.safetensors",
-            ExampleEncoder(examples, transform, run.seed, pipe.vae, pipe.text_encoder, pipe.tokenizer, with_text),
-            accelerator,
-        )
-    dataset = TrainingSet(examples, transform, pipe.tokenizer, run.seed, cache)
-    plan = BatchPlan(
-        len(dataset), config.train_batch_size, run.seed, accelerator.process_index, accelerator.num_processes
-    )
+        folder = cache_folder(config, source, with_text, pipe.vae.dtype)
+        run.cache = LatentCache(folder, plan, pipe.vae, pipe.text_encoder, with_text)
+    run.bad = BadSamples(config.max_bad_samples if config.max_bad_samples is not None else max(10, source.size // 100))
     steps_per_epoch = math.ceil(plan.batches_per_epoch / config.gradient_accumulation_steps)
     run.max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     run.batches_per_epoch = plan.batches_per_epoch
-    run.examples = len(dataset)
-    return plan, dataset
+    run.examples = source.size
+    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
+    threads = config.dataloader_num_workers or 1
+    return Loader(source, plan, transform, pipe.tokenizer, run.seed, run.cache, threads, run.bad)
 
 
 def make_optimizer(run: Run):
@@ -223,7 +220,7 @@ def take_steps(run: Run, micro_batches, trained, optimizer, lr_scheduler, start_
         for step in range(start_step + 1, run.max_train_steps + 1):
             step_loss = 0.0
             for micro_step in range(accumulation):
-                batch = {k: v.to(accelerator.device) for k, v in next(micro_batches).items()}
+                batch = collate(next(micro_batches), accelerator.device, run.cache)
                 with gradient_sync(accelerator, list(trained.values()), micro_step == accumulation - 1):
                     loss = diffusion_loss(batch, unet, text_encoder, run.pipe.vae, run.noise_scheduler, config)
                     accelerator.backward(loss / accumulation)
@@ -233,6 +230,7 @@ def take_steps(run: Run, micro_batches, trained, optimizer, lr_scheduler, start_
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             run.strategy.after_step()
+            check_bad_samples(run)
 
             state["loss_history"].append([step, step_loss])
             accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
@@ -245,7 +243,9 @@ def take_steps(run: Run, micro_batches, trained, optimizer, lr_scheduler, start_
                 accelerator.set_trigger()
             stopping = accelerator.check_trigger()  # every process stops at the same step, or they would hang
             if step % config.checkpointing_steps == 0 or stopping:
-                save_checkpoint(accelerator, config, step, state)
+                if run.cache is not None:
+                    run.cache.flush()
+                save_checkpoint(accelerator, config, step, {**state, "bad_samples": all_bad_samples(run)})
             if stopping:
                 log.warning(
                     "SIGTERM: checkpoint saved, exiting so that a retry resumes", extra={"fields": {"step": step}}
@@ -262,8 +262,11 @@ def take_steps(run: Run, micro_batches, trained, optimizer, lr_scheduler, start_
 def finish(run: Run, state: dict) -> None:
     """Validate the final weights (unless the last step did), then the main process saves the outputs whole."""
     config, accelerator = run.config, run.accelerator
+    if run.cache is not None:
+        run.cache.flush()
     if state.pop("validated_at", None) != run.max_train_steps:
         validate(run, run.max_train_steps)
+    state["bad_samples"] = sorted(all_bad_samples(run).values())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic.staged_into(config.output_dir, last="model_index.json") as folder:
@@ -277,6 +280,21 @@ def finish(run: Run, state: dict) -> None:
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def check_bad_samples(run: Run) -> None:
+    """Every process stops with exit code 2, at the same step, once the run has more bad samples than allowed."""
+    count = torch.tensor(float(len(run.bad.found)), device=run.accelerator.device)
+    if run.accelerator.reduce(count, "sum").item() > run.bad.limit:
+        run.bad.check(len(all_bad_samples(run)))  # the same records may have been found by several processes
+
+
+def all_bad_samples(run: Run) -> dict[int, str]:
+    """The bad samples every process found (every process must call this)."""
+    found: dict[int, str] = {}
+    for part in gather_object([run.bad.found]):
+        found |= part
+    return found
 
 
 def gradient_sync(accelerator: Accelerator, models: list[torch.nn.Module], sync: bool):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from object_store import seaweedfs  # noqa: E402
 from tiny_dataset import write_dataset  # noqa: E402
 from tiny_model import build  # noqa: E402
 
@@ -28,6 +31,13 @@ from tiny_model import build  # noqa: E402
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PAI-shaped pipeline folder with random weights; treat it as read-only."""
     return build(tmp_path_factory.mktemp("model") / "pai-tiny")
+
+
+@pytest.fixture(autouse=True)
+def log_handlers_of_their_own():
+    """A job sets up logging on the stderr of its test; the next test's stderr is another stream."""
+    yield
+    logging.getLogger().handlers.clear()
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +82,31 @@ def run_process(args: list[str], env: dict[str, object] | None = None, **kwargs)
     return subprocess.run(args, env=full_env, cwd=REPO, capture_output=True, text=True, **kwargs)
 
 
+def start(command: list[str], log: Path, env: dict[str, object] | None = None) -> subprocess.Popen:
+    """Start a command in a fresh process, its stderr to `log` (for kills mid-run)."""
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **{k: str(v) for k, v in (env or {}).items()}},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        text=True,
+    )
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def resumed_from(log: str) -> int:
+    (line,) = [json.loads(line) for line in log.splitlines() if '"message": "resuming"' in line]
+    return line["step"]
+
+
 def manifest_records(folder: Path) -> list[dict]:
     """Every image record of every shard manifest in `folder` (skipped-record entries left out)."""
     records = []
@@ -85,3 +120,11 @@ def pixels(path: Path) -> bytes:
     """An image's decoded RGB pixels, to compare images exactly whatever their PNG metadata."""
     with Image.open(path) as image:
         return image.convert("RGB").tobytes()
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server on 127.0.0.1 (tests/object_store.py) with a bucket `data`, for the session;
+    the standard AWS variables that reach it."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs"), bucket="data") as env:
+        yield env

@@ -18,6 +18,7 @@ import torch
 from conftest import run_process, training_flags
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from tiny_dataset import write_dataset
 
 BIN = Path(sys.executable).parent
 
@@ -177,17 +178,19 @@ def test_latent_cache_is_built_once_and_reused_on_resume(tiny_model, dataset, tm
         prediction_type="v_prediction", snr_gamma=5.0, noise_offset=0.05,
     )  # fmt: skip
     assert cli("lora", *common, "--max_train_steps", 2, MODEL_NAME=tiny_model) == 0
-    (cache,) = (output / "latent-cache").glob("*.safetensors")
+    (folder,) = (output / "latent-cache").iterdir()
+    (cache,) = folder.glob("seg-*.safetensors")  # epoch 0's 5 records, written as it trained
     tensors = load_file(cache)
-    assert tensors["latent_dists"].shape == (5, 2, 8, 16, 16)  # 5 images x (as is, flipped) x mean+logvar
-    assert tensors["text_embeddings"].shape == (5, 32, 32)
+    assert sorted(tensors) == sorted(f"{name}.{row}" for name in ("latent_dist", "text_embeddings") for row in range(5))
+    assert tensors["latent_dist.0"].shape == (2, 8, 16, 16)  # (as is, flipped) x mean+logvar
+    assert tensors["text_embeddings.0"].shape == (32, 32)
     written = cache.stat().st_mtime_ns
 
     capfd.readouterr()
     assert cli("lora", *common, "--max_train_steps", 3, MODEL_NAME=tiny_model) == 0
     log = capfd.readouterr().err
-    assert '"message": "reusing the latent cache"' in log and '"step": 2' in log
-    assert list((output / "latent-cache").glob("*.safetensors")) == [cache]
+    assert '"message": "latent cache"' in log and '"records": 5' in log and '"step": 2' in log
+    assert list(folder.glob("seg-*.safetensors")) == [cache]
     assert cache.stat().st_mtime_ns == written
     losses = loss_history(output)
     assert [step for step, _ in losses] == [1, 2, 3] and all(math.isfinite(loss) for _, loss in losses)
@@ -229,7 +232,7 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     args = training_flags(
         dataset, output, train_batch_size=1, max_train_steps=2, checkpointing_steps=1, lr_warmup_steps=0, seed=0,
         validation_prompt="一只猫", num_validation_images=1, validation_steps=2,
-        cache_latents=True, random_flip=True,  # each process encodes half, the main process joins them
+        cache_latents=True, random_flip=True,  # each process encodes its part of epoch 0 into the shared cache
     )  # fmt: skip
     result = run_process([str(a) for a in launch + args], env={"MODEL_NAME": tiny_model}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -241,8 +244,12 @@ def test_two_processes_train_validate_and_save_once(tiny_model, dataset, tmp_pat
     assert log.count('"message": "saved"') == 1
     assert (output / "samples" / "step-000002.png").is_file()
     assert len(list((output / "logs" / "lora").rglob("events.out.tfevents.*"))) >= 1
-    (cache,) = (output / "latent-cache").iterdir()
-    assert load_file(cache)["latent_dists"].shape[:2] == (5, 2)
+    (folder,) = (output / "latent-cache").iterdir()
+    segments = {int(path.name.split("-")[1]): load_file(path) for path in folder.glob("seg-*.safetensors")}
+    assert len(segments) >= 2  # each process wrote what it encoded
+    places = {first + int(key.split(".")[1]) for first, tensors in segments.items() for key in tensors}
+    assert places == {0, 1, 3, 4}  # epoch 0's places that two steps of batch 1 trained on: 0-2 are rank 0's
+    assert all(t.shape[0] == 2 for tensors in segments.values() for k, t in tensors.items() if "latent" in k)
     assert {p.name for p in (output / "checkpoint-2").glob("random_states_*")} == {
         "random_states_0.pkl",
         "random_states_1.pkl",
@@ -271,3 +278,42 @@ def test_a_named_checkpoint_that_does_not_exist_is_bad_input(tiny_model, dataset
     )
     assert code == 2
     assert "RESUME_FROM_CHECKPOINT checkpoint-7: no such checkpoint folder" in capfd.readouterr().err
+
+
+def test_images_that_do_not_decode_are_skipped_counted_and_listed(tiny_model, tmp_path, cli, capfd):
+    """Images are decoded when used; a bad one is replaced by the next good one of its window."""
+    train = write_dataset(tmp_path / "data", count=6) / "train"
+    (train / "002.png").write_bytes((train / "002.png").read_bytes()[:200])  # truncated: metadata line 3
+    (train / "004.png").write_text("not an image")  # line 5
+    output = tmp_path / "out"
+    flags = training_flags(train, output, train_batch_size=2, max_train_steps=4, lr_warmup_steps=0, no_save_merged=True)
+    assert cli("lora", *flags, MODEL_NAME=tiny_model) == 0  # the default limit, 1% or at least 10, is not reached
+    bad = json.loads((output / "trainer_state.json").read_text())["bad_samples"]
+    assert len(bad) == 2 and "line 3" in bad[0] and "line 5" in bad[1]
+    assert all("cannot be decoded" in line for line in bad)
+    assert capfd.readouterr().err.count('"message": "skipping a bad sample"') == 2
+
+    stopped = tmp_path / "stopped"
+    flags = training_flags(train, stopped, train_batch_size=2, max_train_steps=4, lr_warmup_steps=0, max_bad_samples=1)
+    assert cli("lora", *flags, MODEL_NAME=tiny_model) == 2
+    error = capfd.readouterr().err
+    assert "error: 2 bad samples, more than --max_bad_samples=1" in error and "metadata.jsonl line 3" in error
+    assert "Traceback" not in error and not (stopped / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_a_later_run_reuses_the_latent_cache_and_trains_exactly_as_with_a_cold_one(tiny_model, dataset, tmp_path, cli):
+    shared = tmp_path / "latent-cache"  # --latent_cache_dir: one cache for several runs (and nodes)
+
+    def run(output: Path) -> list:
+        flags = training_flags(
+            dataset, output, cache_latents=True, latent_cache_dir=shared, random_flip=True, seed=0,
+            train_batch_size=2, max_train_steps=4, lr_warmup_steps=0, report_to="none", no_save_merged=True,
+        )  # fmt: skip
+        assert cli("lora", *flags, MODEL_NAME=tiny_model) == 0
+        return loss_history(output)
+
+    cold = run(tmp_path / "cold")
+    written = {path: path.stat().st_mtime_ns for path in shared.rglob("seg-*.safetensors")}
+    assert written and not (tmp_path / "cold" / "latent-cache").exists()
+    assert run(tmp_path / "warm") == cold
+    assert {path: path.stat().st_mtime_ns for path in shared.rglob("seg-*.safetensors")} == written

@@ -8,16 +8,13 @@ LR schedule, the EMA, the RNG and the data position were all restored.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_process, training_flags
+from conftest import resumed_from, run_process, start, training_flags, wait_for
 from safetensors.torch import load_file
 
 MAX_STEPS = 6
@@ -33,20 +30,6 @@ def finetune_command(model: Path, data: Path, output: Path) -> list[str]:
     return [sys.executable, "-m", "jobs.finetune", *flags]
 
 
-def start(command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command, cwd=REPO, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True
-    )
-
-
-def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def outcome(output: Path) -> tuple[list, dict[str, torch.Tensor]]:
     history = json.loads((output / "trainer_state.json").read_text())["loss_history"]
     return history, load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
@@ -58,11 +41,6 @@ def assert_same_run(output: Path, reference: tuple[list, dict[str, torch.Tensor]
     assert history == reference[0]
     assert weights.keys() == reference[1].keys()
     assert all(torch.equal(weights[name], reference[1][name]) for name in weights)
-
-
-def resumed_from(log: str) -> int:
-    (line,) = [json.loads(line) for line in log.splitlines() if '"message": "resuming"' in line]
-    return line["step"]
 
 
 @pytest.fixture(scope="module")
