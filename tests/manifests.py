@@ -37,6 +37,7 @@ HELM_CUSTOM = {
     "nodeSelector": {"nvidia.com/gpu.present": None, "node.kubernetes.io/instance-type": "gpu-a100"},
     "tolerations": [],
     "prefetch": {"enabled": False},
+    "pack": {"enabled": False},
     "img2img": {"enabled": False},
     "lora": {"nodes": 3, "gpus": 4, "env": {"MAX_TRAIN_STEPS": 200, "TRAIN_TEXT_ENCODER": True}},
     "generate": {"shards": 8, "schedule": "30 2 * * 1-5", "timeZone": "Europe/Berlin"},

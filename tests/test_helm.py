@@ -92,6 +92,7 @@ def test_switches_storage_and_image() -> None:
     manifests = helm("custom")
     kinds = sorted((m["kind"], m["metadata"]["name"]) for m in manifests)
     assert ("Job", f"{RELEASE}-prefetch") not in kinds and ("Job", f"{RELEASE}-img2img") not in kinds
+    assert ("Job", f"{RELEASE}-pack") not in kinds
     claims = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "PersistentVolumeClaim"}
     assert sorted(claims) == [f"{RELEASE}-models", f"{RELEASE}-outputs"]  # datasets: the team's own claim
     assert claims[f"{RELEASE}-models"]["spec"]["storageClassName"] == "cephfs"

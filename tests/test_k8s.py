@@ -114,7 +114,7 @@ def test_every_job_pod_follows_the_rules(name: str) -> None:
         # Resources: CPU and memory requested; a GPU, on GPU nodes, for all but the download.
         resources = container["resources"]
         assert {"cpu", "memory"} <= resources["requests"].keys(), what
-        gpu = component(manifest) != "prefetch"
+        gpu = component(manifest) not in ("prefetch", "pack")
         assert ("nvidia.com/gpu" in resources["limits"]) == gpu, what
         if gpu:
             assert resources["limits"]["nvidia.com/gpu"] >= 1
@@ -225,7 +225,7 @@ def test_kueue_admits_every_job(name: str) -> None:
     manifests = rendering(name)
     jobs = [m for m in manifests if m["kind"] == "Job"]
     jobs += [m["spec"]["jobTemplate"] for m in manifests if m["kind"] == "CronJob"]
-    assert len(jobs) == 5
+    assert len(jobs) == 6  # prefetch, pack, finetune, lora, img2img, the nightly generate
     for job in jobs:
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "pai-diffusion"
         assert job["spec"]["suspend"] is True

@@ -40,7 +40,8 @@ kueue.x-k8s.io/queue-name: {{ . }}
 The Job spec every workload shares. Call with (dict "root" $ "component" "finetune" "job" .Values.finetune
 "gpu" true "mounts" (list "data" "cache" "outputs") "args" (list "finetune")) and optionally "perIndex"
 (an Indexed Job whose indexes fail alone), "env" (a list of variables after the model's, before the
-job's `env` map), "command", "ports" and "subdomain".
+job's `env` map), "command", "ports", "subdomain", "withoutModel" (no MODEL_NAME, hub not offline) and
+"objectStorage" (the object-storage Secret's variables, for the jobs that read datasets).
 */}}
 {{- define "pai-diffusion.jobSpec" -}}
 {{- $root := .root -}}
@@ -106,12 +107,14 @@ template:
         env:
           - name: HF_HOME
             value: /cache/huggingface
+          {{- if not .withoutModel }}
           {{- if ne .component "prefetch" }}
           - name: HF_HUB_OFFLINE  # load the model from the cache that prefetch filled
             value: "1"
           {{- end }}
           - name: MODEL_NAME
             value: {{ $root.Values.model }}
+          {{- end }}
           {{- with .env }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
@@ -119,6 +122,12 @@ template:
           - name: {{ $name }}
             value: {{ $value | toString | quote }}
           {{- end }}
+        {{- if .objectStorage }}
+        envFrom:
+          - secretRef:  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for s3:// paths
+              name: {{ $root.Values.objectStorage.secretName | default (printf "%s-object-storage" $fullname) }}
+              optional: true
+        {{- end }}
         {{- with .ports }}
         ports:
           {{- toYaml . | nindent 10 }}
