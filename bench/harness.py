@@ -26,13 +26,13 @@ class Contender:
 
 
 def timed(args: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run a command; return its wall time and the JSON object it prints last (its peak memory)."""
-    started = time.perf_counter()
+    """Run a command; return its wall time, when it was launched, and the JSON object it prints last."""
+    launched_at, started = time.time(), time.perf_counter()
     done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"benchmark process failed: {' '.join(map(str, args[:4]))} ...\n{done.stderr[-3000:]}")
-    return {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
+    return {"seconds": seconds, "launched_at": launched_at, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
 def run_rounds(contenders: dict[str, Contender], rounds: int, work: Path, env: dict[str, str]) -> dict[str, list[dict]]:
