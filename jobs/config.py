@@ -17,19 +17,22 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+import yaml
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
     EnvSettingsSource,
+    InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    YamlConfigSettingsSource,
 )
 
+from jobs import text
 from jobs.errors import BadInput
 
 DEFAULT_MODEL = "alibaba-pai/pai-diffusion-artist-large-zh"
@@ -108,12 +111,29 @@ class InferenceConfig(JobConfig):
         validation_alias=alias("shard_index", "job_completion_index"),
         description="This pod's shard (default: JOB_COMPLETION_INDEX of an Indexed Job).",
     )
-    lora_path: Path | None = Field(None, description="LoRA folder or file (diffusers/PEFT or legacy PAI).")
-    lora_scale: float = Field(1.0, ge=-10.0, le=10.0)
+    lora_path: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="LoRA folders or files (diffusers/PEFT, kohya, legacy PAI): comma-separated or a JSON list.",
+    )
+    lora_scale: Annotated[list[Annotated[float, Field(ge=-10.0, le=10.0)]], NoDecode] = Field(
+        [1.0], description="One scale for every LoRA, or one each (comma-separated or a JSON list)."
+    )
+    overwrite: bool = Field(
+        False, description="Render again the finished items whose request changed (default: refuse them, exit 2)."
+    )
     safety_checker: bool = Field(True, description="Keep the model's safety checker when it has one.")
     skip_invalid: bool = Field(
         False, description="Skip bad prompt records (listed in the manifest) instead of failing."
     )
+
+    @field_validator("lora_path", "lora_scale", mode="before")
+    @classmethod
+    def _listed(cls, value: object) -> object:
+        """`a,b` or `["a", "b"]` from a flag or a variable; empty: none."""
+        if isinstance(value, str):
+            listed = _json_list(value, (str, int, float))
+            return listed if listed is not None else [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_inference(self) -> InferenceConfig:
@@ -279,9 +299,7 @@ def load(
     `prog` is the command that `--help` shows (the job's, from jobs/registry.py)."""
     argv = _join_list_flags(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if env is None else env)
-    yaml_file = env.get("CONFIG_FILE")
-    if yaml_file and not Path(yaml_file).is_file():
-        raise BadInput(f"CONFIG_FILE {yaml_file}: no such file")
+    from_file = _config_file(Path(env["CONFIG_FILE"])) if env.get("CONFIG_FILE") else {}
 
     class Sources(config_cls):  # type: ignore[valid-type,misc]
         @classmethod
@@ -289,10 +307,7 @@ def load(
             env_source = EnvSettingsSource(settings_cls, case_sensitive=False)
             env_source.env_vars = {k.lower(): v for k, v in env.items() if k.lower() not in LAUNCHER_VARIABLES}
             cli = CliSettingsSource(settings_cls, cli_parse_args=argv, cli_prog_name=prog)
-            sources: list[PydanticBaseSettingsSource] = [cli, env_source]
-            if yaml_file:
-                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
-            return tuple(sources)
+            return cli, env_source, InitSettingsSource(settings_cls, init_kwargs=from_file)
 
     Sources.__name__ = config_cls.__name__
     try:
@@ -301,6 +316,22 @@ def load(
         raise BadInput("; ".join(_describe(e) for e in error.errors())) from None
     except SettingsError as error:
         raise BadInput(str(error).strip().splitlines()[-1]) from None
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    """CONFIG_FILE's settings: a YAML mapping, read as UTF-8 (a byte-order mark is fine)."""
+    if not path.is_file():
+        raise BadInput(f"CONFIG_FILE {path}: no such file")
+    content = text.read(path, "CONFIG_FILE")
+    try:
+        values = yaml.safe_load(content)
+    except (yaml.YAMLError, RecursionError) as error:
+        raise text.yaml_error(f"CONFIG_FILE {path}", error) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise BadInput(f"CONFIG_FILE {path}: expected settings by name (a YAML mapping), got {type(values).__name__}")
+    return values
 
 
 def _join_list_flags(argv: list[str]) -> list[str]:
@@ -319,20 +350,20 @@ def _join_list_flags(argv: list[str]) -> list[str]:
     return [*rest, f"{LIST_FLAG}={json.dumps(prompts, ensure_ascii=False)}"] if prompts else rest
 
 
-def _json_list(text: str) -> list[str] | None:
+def _json_list(text: str, types: tuple[type, ...] = (str,)) -> list | None:
     try:
         value = json.loads(text)
     except ValueError:
         return None
-    return value if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+    return value if isinstance(value, list) and all(isinstance(v, types) for v in value) else None
 
 
 def _describe(error: dict[str, Any]) -> str:
-    field = ".".join(str(part) for part in error["loc"])
-    message = error["msg"].removeprefix("Value error, ")
-    if not field:
-        return message
-    return f"{field.upper()} (--{field}): {message} (got {error.get('input')!r})"
+    if not error["loc"]:
+        return error["msg"].removeprefix("Value error, ")
+    field, *item = error["loc"]
+    where = f" item {item[0] + 1}" if item and isinstance(item[0], int) else ""
+    return f"{str(field).upper()} (--{field}){where}: {error['msg']} (got {error.get('input')!r})"
 
 
 def settings(config: Options) -> dict[str, Any]:

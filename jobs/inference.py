@@ -1,8 +1,8 @@
 """The batch runner behind `generate` and `img2img`: check everything, load once, render the shard.
 
-Order matters: every input is checked (prompts, images, OUTPUT_DIR, model, LoRA) before the model
-is loaded, so bad input costs seconds, not a GPU's start-up; finished items are skipped before
-loading too, so a rerun of a finished shard loads nothing.
+Order matters: every input is checked (prompts, images, OUTPUT_DIR, model, LoRAs) and every finished
+image compared with its request (jobs/identity.py) before the model is loaded, so bad input costs
+seconds, not a GPU's start-up, and a rerun of a finished shard loads nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,10 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from jobs import atomic, models, outputs
+from jobs import atomic, identity, models, outputs
 from jobs.config import GenerateConfig, Img2ImgConfig, InferenceConfig
 from jobs.errors import BadInput
+from jobs.identity import RunRequest, request
 from jobs.progress import Progress
 from jobs.prompts import Work, WorkItem, plan, shard_of
 
@@ -54,32 +54,30 @@ class Settings:
     """What the loaded model and the configuration fix for every image of the run."""
 
     job: str
-    model: str
-    scheduler: str
-    steps: int
     dtype: str
-    width: int
-    height: int
-    strength: float | None
-    lora: str | None
-    lora_scale: float | None
+    run: RunRequest
 
 
 def run(config: InferenceConfig, mode: Mode) -> None:
     """Render this shard's unfinished items into OUTPUT_DIR, refresh the gallery, log a summary."""
     started = time.perf_counter()
-    work, steps, lora = check_inputs(config, mode)
-    manifest = outputs.Manifest(config.output_dir, config.shard_index)
+    work, run_request, loras = check_inputs(config, mode)
     mine = shard_of(work.items, config.shard_index, config.num_shards)
-    todo = unfinished(mine, work, manifest, config)
+    ledger = outputs.Ledger(config.output_dir)
+    decision = identity.decide(mine, run_request, ledger, config.overwrite)
+    manifest = outputs.Manifest(config.output_dir, config.shard_index, ledger)  # from here on OUTPUT_DIR may change
+    repair(decision, mine, manifest, config.output_dir)
+    if config.shard_index == 0:  # every shard reads the same prompts; one lists the skipped records
+        list_skipped(work, manifest)
+    todo = decision.to_render
     log.info("work", extra={"fields": {"items": len(work.items), "shard": len(mine), "to_render": len(todo)}})
     if todo:
-        pipe, settings = prepare_pipeline(config, mode, steps, lora)
+        pipe, settings = prepare_pipeline(config, mode, run_request, loras)
         # Batching pays on a GPU. On a CPU it is no faster, and BLAS picks different kernels for
         # different row counts, which would make an image's last bits depend on its batch.
         batch_size = config.batch_size if pipe.device.type != "cpu" else 1
         render_all(pipe, todo, settings, batch_size, manifest, config.output_dir, len(mine))
-    gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {mode.job}: {config.output_dir.name}")
+    gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {mode.job}: {config.output_dir.name}", ledger)
     seconds = time.perf_counter() - started
     summary = (
         f"{mode.job}: {len(todo)} images in {seconds:.1f} s ({len(todo) / seconds:.2f} images/s); gallery {gallery}"
@@ -88,40 +86,42 @@ def run(config: InferenceConfig, mode: Mode) -> None:
     log.info(summary, extra={"fields": fields})
 
 
-def check_inputs(config: InferenceConfig, mode: Mode) -> tuple[Work, int, Path | dict[str, torch.Tensor] | None]:
+def check_inputs(config: InferenceConfig, mode: Mode) -> tuple[Work, RunRequest, list[models.Lora]]:
     """Everything that can be wrong with the input, checked before the model is loaded (BadInput)."""
+    strength = getattr(config, "strength", None)  # img2img's; records that set their own steps are checked too
     steps = config.num_inference_steps or models.SCHEDULERS[config.scheduler][2]
-    strength = getattr(config, "strength", None)  # img2img's
     if strength is not None and int(steps * strength) < 1:
         raise BadInput(f"STRENGTH {strength} with {steps} steps runs no denoising step: raise either")
-    work = plan(config, mode.edits_images)
     outputs.check_writable(config.output_dir)
     models.check_model_source(config)
-    lora = models.read_lora(config.lora_path) if config.lora_path else None
-    return work, steps, lora
+    work = plan(config, mode.edits_images, models.default_resolution(config))
+    loras = models.read_loras(config.lora_path, config.lora_scale)
+    return work, RunRequest.of(config, loras), loras
 
 
-def unfinished(mine: list[WorkItem], work: Work, manifest: outputs.Manifest, config: InferenceConfig) -> list[WorkItem]:
-    """This shard's items without a PNG, after repairing what a kill may have left."""
-    recover(mine, manifest, config.output_dir)
-    if config.shard_index == 0:  # every shard reads the same prompts; one lists the skipped records
-        list_skipped(work, manifest)
-    return [item for item in mine if not (config.output_dir / f"{item.id}.png").exists()]
+def repair(decision: identity.Decision, items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path) -> None:
+    """What a kill may have left: half-written temporaries, PNGs renamed into place but not yet listed
+    (their manifest lines are put back from the records embedded in them), files that are not ours."""
+    atomic.remove_leftovers(output_dir, {f"{item.id}.png" for item in items})
+    for record in decision.recovered:
+        manifest.append(record)
+        log.info("recovered manifest record", extra={"fields": {"id": record["id"]}})
+    for path in decision.unusable:
+        path.unlink()
 
 
 def prepare_pipeline(
-    config: InferenceConfig, mode: Mode, steps: int, lora: Path | dict[str, torch.Tensor] | None
+    config: InferenceConfig, mode: Mode, run_request: RunRequest, loras: list[models.Lora]
 ) -> tuple[DiffusionPipeline, Settings]:
-    """Load the model once, with its sampler and LoRA, and fix what every image of the run shares."""
+    """Load the model once, with its LoRAs fused in, and fix what every image of the run shares."""
     device = models.resolve_device(config.device)
     dtype = models.resolve_dtype(config.dtype, device)
-    # A LoRA is fused in fp32 and rounded once, as the `lora` job's merged copy is: fused in half
-    # precision, its small deltas would be rounded twice.
-    load_dtype = torch.float32 if lora is not None else dtype
+    # LoRAs are fused in fp32 and rounded once, as the `lora` job's merged copy is: fused in half
+    # precision, their small deltas would be rounded twice.
+    load_dtype = torch.float32 if loras else dtype
     pipe = models.load_pipeline(config, mode.pipeline_cls, device, load_dtype, config.safety_checker)
-    models.set_scheduler(pipe, config.scheduler)
-    if lora is not None:
-        models.apply_lora(pipe, lora, config.lora_scale, str(config.lora_path))
+    if loras:
+        models.apply_loras(pipe, loras, config.lora_scale)
         pipe.to(dtype=dtype)
     # One image at a time: a batch's decode would need 1.7x the memory of its denoising (SD 1.x at
     # 512 px: 360 MB an image against 210 MB), and it would cap BATCH_SIZE (docs/benchmarks.md).
@@ -129,20 +129,7 @@ def prepare_pipeline(
     if config.compile:
         # The whole UNet: at inference its resnets gain too (1.19x, against 1.07x for the transformer blocks alone).
         pipe.unet = torch.compile(pipe.unet)
-    resolution = models.default_resolution(config, pipe)
-    settings = Settings(
-        job=mode.job,
-        model=config.pretrained_model_name_or_path,
-        scheduler=config.scheduler,
-        steps=steps,
-        dtype=str(dtype).removeprefix("torch."),
-        width=config.width or resolution,
-        height=config.height or resolution,
-        strength=getattr(config, "strength", None),
-        lora=str(config.lora_path) if config.lora_path else None,
-        lora_scale=config.lora_scale if config.lora_path else None,
-    )
-    return pipe, settings
+    return pipe, Settings(mode.job, str(dtype).removeprefix("torch."), run_request)
 
 
 def render_all(
@@ -162,15 +149,18 @@ def render_all(
     """
     progress = Progress(total=shard_size, unit="image", initial=shard_size - len(items))
     queued: Future | None = None
+    scheduler = None
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
-            for batch in batches(items, batch_size, settings):
+            for batch in batches(items, batch_size):
+                if batch[0].scheduler != scheduler:
+                    scheduler = batch[0].scheduler
+                    models.set_scheduler(pipe, scheduler)
                 batch_started = time.perf_counter()
                 images, flagged = render(pipe, batch, settings, batch_size)
                 seconds = round((time.perf_counter() - batch_started) / len(batch), 3)
                 records = [
-                    image_record(item, settings, image, nsfw, seconds)
-                    for item, image, nsfw in zip(batch, images, flagged, strict=True)
+                    image_record(item, settings, nsfw, seconds) for item, nsfw in zip(batch, flagged, strict=True)
                 ]
                 if queued is not None:
                     queued.result()  # a failed write stops the run here, not batches later
@@ -185,19 +175,19 @@ def render_all(
 def save_batch(
     images: list[Image.Image], records: list[dict[str, Any]], manifest: outputs.Manifest, output_dir: Path
 ) -> None:
-    """Each PNG is renamed into place before its manifest line is appended (see `recover`)."""
+    """Each PNG is renamed into place before its manifest line is appended (see `repair`)."""
     for image, record in zip(images, records, strict=True):
         atomic.write_bytes(output_dir / record["file"], outputs.png_with_record(image, record))
         manifest.append(record)
 
 
-def batches(items: list[WorkItem], batch_size: int, settings: Settings) -> list[list[WorkItem]]:
-    """Consecutive items that can share a forward pass: same guidance scale and input size."""
-    result = []
-    for _, group in groupby(items, key=lambda item: (item.guidance_scale, input_size(item, settings))):
-        group = list(group)
-        result.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
-    return result
+def batches(items: list[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """Items that can share a forward pass (same sampler, steps, guidance scale and size), grouped,
+    then cut to `batch_size`; items keep their order within a group."""
+    groups: dict[tuple, list[WorkItem]] = {}
+    for item in items:
+        groups.setdefault((item.scheduler, item.steps, item.guidance_scale, item.width, item.height), []).append(item)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 def render(
@@ -209,89 +199,43 @@ def render(
     does not depend on its batch; a short batch is padded to `batch_size` so every pass has the same
     shape, hence the same kernels."""
     padded = batch + [batch[-1]] * (batch_size - len(batch))
+    first = batch[0]
     arguments: dict[str, Any] = {
         "prompt": [item.prompt for item in padded],
         "negative_prompt": [item.negative_prompt or "" for item in padded],
-        "num_inference_steps": settings.steps,
-        "guidance_scale": batch[0].guidance_scale,
+        "num_inference_steps": first.steps,
+        "guidance_scale": first.guidance_scale,
         "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in padded],
     }
-    if settings.strength is None:
-        arguments.update(width=settings.width, height=settings.height)
+    if first.image is None:
+        arguments.update(width=first.width, height=first.height)
     else:
-        arguments.update(image=[fit_image(item.image, settings) for item in padded], strength=settings.strength)
+        arguments.update(image=[fit_image(item) for item in padded], strength=settings.run.strength)
     result = pipe(**arguments)
     flagged = result.nsfw_content_detected or [False] * len(padded)  # None without a safety checker
     return result.images[: len(batch)], flagged[: len(batch)]
 
 
-def input_size(item: WorkItem, settings: Settings) -> tuple[int, int]:
-    if item.image is None:
-        return settings.width, settings.height
-    with Image.open(item.image) as image:
-        return fitted_size(image.size, (settings.width, settings.height))
-
-
-def fitted_size(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
-    """Scale to fit the box keeping the aspect ratio, like the seed's `thumbnail`, in multiples of 8."""
-    scale = min(box[0] / size[0], box[1] / size[1])
-    return tuple(max(8, round(side * scale / 8) * 8) for side in size)  # type: ignore[return-value]
-
-
-def fit_image(path: Path | None, settings: Settings) -> Image.Image:
-    assert path is not None
-    with Image.open(path) as image:
+def fit_image(item: WorkItem) -> Image.Image:
+    assert item.image is not None
+    with Image.open(item.image.path) as image:
         image = image.convert("RGB")
-    return image.resize(fitted_size(image.size, (settings.width, settings.height)), Image.Resampling.LANCZOS)
+    return image.resize((item.width, item.height), Image.Resampling.LANCZOS)
 
 
-def image_record(item: WorkItem, settings: Settings, image: Image.Image, nsfw: bool, seconds: float) -> dict[str, Any]:
-    """The manifest line of one image, also embedded in its PNG."""
-    record = {
-        "id": item.id,
-        "file": f"{item.id}.png",
-        "job": settings.job,
-        "prompt": item.prompt,
-        "negative_prompt": item.negative_prompt,
-        "seed": item.seed,
-        "steps": settings.steps,
-        "scheduler": settings.scheduler,
-        "dtype": settings.dtype,
-        "guidance_scale": item.guidance_scale,
-        "model": settings.model,
-        "lora": settings.lora,
-        "lora_scale": settings.lora_scale,
-        "width": image.width,
-        "height": image.height,
-        "nsfw_filtered": bool(nsfw),
-        "seconds": seconds,
-    }
+def image_record(item: WorkItem, settings: Settings, nsfw: bool, seconds: float) -> dict[str, Any]:
+    """The manifest line of one image, also embedded in its PNG: its request, and how it was rendered."""
+    record = {"id": item.id, "file": f"{item.id}.png", "job": settings.job, **request(item, settings.run)}
+    record |= {"dtype": settings.dtype, "nsfw_filtered": bool(nsfw), "seconds": seconds}
     if item.image is not None:
-        record.update(input_image=str(item.image), strength=settings.strength)
+        record["input_image"] = str(item.image.path)
+    record["rendered_at"] = round(time.time(), 3)
     return record
-
-
-def recover(items: list[WorkItem], manifest: outputs.Manifest, output_dir: Path) -> None:
-    """Repair after a kill: drop half-written temporaries, and put back the manifest lines of PNGs
-    that were renamed into place but not yet listed, from the records embedded in them."""
-    atomic.remove_leftovers(output_dir, {f"{item.id}.png" for item in items})
-    listed = outputs.listed_ids(output_dir)
-    for item in items:
-        path = output_dir / f"{item.id}.png"
-        if item.id in listed or not path.exists():
-            continue
-        record = outputs.read_png_record(path)
-        if record is None:
-            path.unlink()  # not ours, or damaged: render it again
-            continue
-        manifest.append(record)
-        log.info("recovered manifest record", extra={"fields": {"id": item.id}})
 
 
 def list_skipped(work: Work, manifest: outputs.Manifest) -> None:
     """SKIP_INVALID: name each skipped record in the manifest once, and in the log every run."""
-    listed = {record["skipped"] for record in manifest.records if "skipped" in record}
     for skipped in work.skipped:
-        if skipped.where not in listed:
+        if skipped.where not in manifest.ledger.skipped:
             manifest.append({"skipped": skipped.where, "reason": skipped.reason})
         log.warning("skipped %s: %s", skipped.where, skipped.reason)

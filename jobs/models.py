@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -22,7 +26,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from jobs.config import JobConfig
@@ -136,12 +141,31 @@ def save_pipeline(pipe: DiffusionPipeline, output_dir: Path) -> None:
     (output_dir / "tokenizer" / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
-def default_resolution(config: JobConfig, pipe: DiffusionPipeline) -> int:
-    """The size the model was trained at: the registry for PAI ids, else the UNet's sample size."""
+def default_resolution(config: JobConfig) -> int:
+    """The size the model was trained at, known before it loads: the registry for PAI ids, else its
+    UNet's sample size times the VAE's downscaling (from their config.json, a few hundred bytes)."""
     known = PAI_MODELS.get(config.pretrained_model_name_or_path)
     if known:
         return known
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    unet, vae = (_component_config(config, name) for name in ("unet", "vae"))
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def _component_config(config: JobConfig, component: str) -> dict:
+    name = config.pretrained_model_name_or_path
+    try:
+        if Path(name).is_dir():
+            path = Path(name) / component / "config.json"
+        else:
+            token = config.hf_token.get_secret_value() if config.hf_token else None
+            path = Path(
+                hf_hub_download(
+                    name, f"{component}/config.json", revision=config.revision, cache_dir=config.cache_dir, token=token
+                )
+            )
+        return json.loads(path.read_text())
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        raise BadInput(f"model {name}: cannot read {component}/config.json ({error})") from None
 
 
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> int:
@@ -160,33 +184,49 @@ LEGACY_LORA_KEY = re.compile(
 )
 
 
-def read_lora(path: Path) -> Path | dict[str, torch.Tensor]:
-    """Check a LoRA file (or the folder holding one) before any model loads; return what `apply_lora` loads.
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA checked before any model loads: what diffusers loads, and its file's hash (its identity)."""
 
-    That is the file itself, so that diffusers also reads the adapter metadata it carries (a
-    `lora_alpha` other than the rank changes the LoRA's strength), or for a legacy PAI file a
-    converted state dict: `<module>.processor.to_q_lora.down.weight` becomes
-    `unet.<module>.to_q.lora_A.weight` (`up` is `lora_B`, `to_out` is `to_out.0`).
+    name: str  # as LORA_PATH gave it
+    weights: Path | dict[str, torch.Tensor]
+    sha256: str
+
+
+def read_loras(paths: list[str], scales: list[float]) -> list[Lora]:
+    """LORA_PATH's LoRAs, with LORA_SCALE's scales: one for all, or one each."""
+    if len(scales) not in (1, len(paths)):
+        raise BadInput(f"LORA_SCALE: {len(scales)} scales for {len(paths)} LoRAs; give one, or one for each")
+    return [read_lora(Path(path), path) for path in paths]
+
+
+def read_lora(path: Path, name: str) -> Lora:
+    """A LoRA file (or the folder holding one): the file itself, so that diffusers also reads the adapter
+    metadata it carries (a `lora_alpha` other than the rank changes the LoRA's strength), kohya's files
+    included, or for a legacy PAI file a converted state dict: `<module>.processor.to_q_lora.down.weight`
+    becomes `unet.<module>.to_q.lora_A.weight` (`up` is `lora_B`, `to_out` is `to_out.0`).
     """
     if path.is_dir():
-        files = [path / name for name in LORA_WEIGHT_NAMES if (path / name).is_file()]
+        files = [path / file for file in LORA_WEIGHT_NAMES if (path / file).is_file()]
         if not files:
-            raise BadInput(f"LORA_PATH {path}: no {' or '.join(LORA_WEIGHT_NAMES)} in this folder")
+            raise BadInput(f"LORA_PATH {name}: no {' or '.join(LORA_WEIGHT_NAMES)} in this folder")
         path = files[0]
     elif not path.is_file():
-        raise BadInput(f"LORA_PATH {path}: no such file or folder")
+        raise BadInput(f"LORA_PATH {name}: no such file or folder")
     try:
+        data = path.read_bytes()
         if path.suffix == ".safetensors":
-            state_dict = safetensors.torch.load_file(path)
+            state_dict = safetensors.torch.load(data)
         else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file is the same bad input
-        raise BadInput(f"LORA_PATH {path}: cannot read LoRA weights ({error})") from None
+        raise BadInput(f"LORA_PATH {name}: cannot read LoRA weights ({error})") from None
     if not isinstance(state_dict, dict) or not state_dict:
-        raise BadInput(f"LORA_PATH {path}: no weights in it")
+        raise BadInput(f"LORA_PATH {name}: no weights in it")
+    digest = hashlib.sha256(data).hexdigest()
     if all(LEGACY_LORA_KEY.match(key) for key in state_dict):
-        return {_convert_legacy_key(key): value for key, value in state_dict.items()}
-    return path
+        return Lora(name, {_convert_legacy_key(key): value for key, value in state_dict.items()}, digest)
+    return Lora(name, path, digest)
 
 
 def _convert_legacy_key(key: str) -> str:
@@ -197,18 +237,21 @@ def _convert_legacy_key(key: str) -> str:
     return f"unet.{match['module']}.{proj}.{side}.weight"
 
 
-def apply_lora(pipe: DiffusionPipeline, lora: Path | dict[str, torch.Tensor], scale: float, name: str) -> None:
-    """Load a LoRA (from `read_lora`) and fuse it into the weights at `scale`; one that changes no layer is an error."""
-    if isinstance(lora, Path):
-        source, options = str(lora.parent), {"weight_name": lora.name}
-    else:
-        source, options = dict(lora), {}
-    try:
-        pipe.load_lora_weights(source, adapter_name="lora", **options)
-    except Exception as error:  # whatever a foreign file makes diffusers raise, it is bad input
-        raise BadInput(f"LORA_PATH {name}: does not fit this model ({str(error).splitlines()[0]})") from None
-    adapted = sum(len(adapters) for adapters in pipe.get_list_adapters().values())
-    if not adapted:
-        raise BadInput(f"LORA_PATH {name}: none of its keys matches a layer of this model")
-    pipe.fuse_lora(lora_scale=scale, adapter_names=["lora"])
+def apply_loras(pipe: DiffusionPipeline, loras: list[Lora], scales: list[float]) -> None:
+    """Load the LoRAs and fuse them into the weights once, each at its scale (diffusers' `set_adapters`);
+    one that does not fit the model, or changes none of its layers, is bad input naming it."""
+    names = [f"lora{i}" for i in range(len(loras))]
+    for lora, adapter in zip(loras, names, strict=True):
+        if isinstance(lora.weights, Path):
+            source, options = str(lora.weights.parent), {"weight_name": lora.weights.name}
+        else:
+            source, options = dict(lora.weights), {}
+        try:
+            pipe.load_lora_weights(source, adapter_name=adapter, **options)
+        except Exception as error:  # whatever a foreign file makes diffusers raise, it is bad input
+            raise BadInput(f"LORA_PATH {lora.name}: does not fit this model ({str(error).splitlines()[0]})") from None
+        if not any(adapter in adapters for adapters in pipe.get_list_adapters().values()):
+            raise BadInput(f"LORA_PATH {lora.name}: none of its keys matches a layer of this model")
+    pipe.set_adapters(names, adapter_weights=scales * len(loras) if len(scales) == 1 else scales)
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()

@@ -11,8 +11,6 @@ from typing import Protocol
 
 from jobs import atomic
 
-BYTE_BOM = b"\xef\xbb\xbf"
-
 
 @dataclass(frozen=True)
 class Sample:

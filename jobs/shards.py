@@ -22,7 +22,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from jobs.config import DataOptions
 from jobs.errors import BadInput
-from jobs.records import BYTE_BOM, Sample, Source, digest, read_counts, version, write_counts
+from jobs.records import Sample, Source, digest, read_counts, version, write_counts
+from jobs.text import BOM
 
 log = logging.getLogger("jobs")
 
@@ -80,7 +81,7 @@ def _samples(url: str, stream) -> Iterator[dict]:
 
 
 def _text(value: object) -> str | None:
-    return value.removeprefix(BYTE_BOM).decode("utf-8", errors="replace") if isinstance(value, bytes) else None
+    return value.removeprefix(BOM).decode("utf-8", errors="replace") if isinstance(value, bytes) else None
 
 
 def tar_shards(fs, paths: list[str], url: str, config: DataOptions, index_file: Path | None) -> Source:
@@ -113,7 +114,7 @@ def _count_tar(fs, path: str) -> int:
 def indexed_shards(fs, root: str, url: str, config: DataOptions, index_file: Path | None) -> Source:
     """An index.json beside the shards, as `pack` writes it (webdataset's `wids` shard-index format)."""
     try:
-        index = json.loads(fs.cat_file(posixpath.join(root, INDEX)).removeprefix(BYTE_BOM))
+        index = json.loads(fs.cat_file(posixpath.join(root, INDEX)).removeprefix(BOM))
         entries = [(posixpath.join(root, entry["url"]), int(entry["nsamples"])) for entry in index["shardlist"]]
     except (ValueError, KeyError, TypeError) as error:
         raise BadInput(f"TRAIN_DIR {url}: {INDEX} is not a shard index ({error})") from None

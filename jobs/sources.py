@@ -26,8 +26,9 @@ from fsspec.core import url_to_fs
 
 from jobs.config import DataOptions
 from jobs.errors import BadInput
-from jobs.records import BYTE_BOM, Sample, Shard, Source, digest, version
+from jobs.records import Sample, Shard, Source, digest, version
 from jobs.shards import INDEX, indexed_shards, parquet_shards, streamed_dataset, tar_shards
+from jobs.text import BOM
 
 log = logging.getLogger("jobs")
 
@@ -106,7 +107,7 @@ def _folder(fs, folder: str, url: str, config: DataOptions) -> Source:
     listing = {posixpath.relpath(path, folder): info for path, info in fs.find(folder, detail=True).items()}
     files, captions, lines, problems = [], [], [], []
     for number, raw in enumerate(fs.cat_file(metadata).splitlines(), start=1):
-        record, problem = _json_record(raw.removeprefix(BYTE_BOM) if number == 1 else raw)
+        record, problem = _json_record(raw.removeprefix(BOM) if number == 1 else raw)
         if record is None and problem is None:
             continue  # a blank line
         if problem is None:

@@ -1,7 +1,7 @@
 """What trains and what is saved: the two strategies that the one training loop (jobs/train.py) serves.
 
 `finetune` trains every UNet weight and saves a whole pipeline; `lora` trains low-rank adapters on
-the attention projections and saves them (diffusers' format) and a merged pipeline.
+the attention projections and saves them, in diffusers' format and kohya's, and a merged pipeline.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from typing import Protocol
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig as AdapterConfig
 from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from jobs.config import FinetuneConfig, LoraConfig, TrainConfig
-from jobs.models import apply_lora, load_pipeline, read_lora, save_pipeline
+from jobs.models import apply_loras, load_pipeline, read_lora, save_pipeline
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"  # the name diffusers' examples give their kohya output
 
 
 class Strategy(Protocol):
@@ -150,18 +152,51 @@ image = pipe("{prompt}").images[0]
         return nullcontext()
 
     def save(self, folder: Path) -> None:
-        """The adapters in diffusers' format (for `load_lora_weights`), then the model with them merged in."""
+        """The adapters in diffusers' format (for `load_lora_weights`) and in kohya's (A1111, ComfyUI),
+        then the model with them merged in."""
         layers, metadata = {}, {}
         for name, model in self.models.items():
             layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
             metadata[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
         StableDiffusionPipeline.save_lora_weights(folder, **layers, **metadata, safe_serialization=True)
+        save_file(self.kohya_state_dict(), folder / KOHYA_WEIGHT_NAME, metadata=self.kohya_metadata())
         if self.config.no_save_merged:
             return
         # Merged the way `generate` applies LORA_PATH, so both render the same pixels.
         pipe = load_base_pipeline(self.config, torch.device("cpu"))
-        apply_lora(pipe, read_lora(folder), scale=1.0, name=str(folder))
+        apply_loras(pipe, [read_lora(folder, str(folder))], [1.0])
         save_pipeline(pipe, folder)
+
+    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
+        """kohya's naming (`lora_unet_<module>.lora_down.weight`, `.alpha`, `lora_te_...`), converted from
+        the PEFT state dicts: converting the saved diffusers file instead mis-names the UNet's keys when
+        text-encoder keys are present. diffusers sets every alpha to the rank; ours is --lora_alpha."""
+        converted = {}
+        for name, model in self.models.items():
+            # kohya names CLIP's modules as transformers 4 laid them out, under `text_model.`.
+            layout = "text_encoder.text_model." if name == "text_encoder" else f"{name}."
+            peft = get_peft_model_state_dict(model)
+            converted |= convert_state_dict_to_kohya(
+                {f"{layout}{key.removeprefix('text_model.')}": value for key, value in peft.items()}
+            )
+        alpha = float(self.config.lora_alpha or self.config.rank)
+        return {
+            # SD 1.x has one text encoder: kohya's scripts, A1111 and ComfyUI name it lora_te_, not lora_te1_.
+            key.replace("lora_te1_", "lora_te_", 1): torch.tensor(alpha)
+            if key.endswith(".alpha")
+            else value.contiguous()
+            for key, value in converted.items()
+        }
+
+    def kohya_metadata(self) -> dict[str, str]:
+        """What kohya's scripts record and A1111's extra-networks page shows."""
+        return {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(self.config.rank),
+            "ss_network_alpha": str(self.config.lora_alpha or self.config.rank),
+            "ss_base_model_version": "sd_v1",
+            "ss_sd_model_name": self.config.pretrained_model_name_or_path,
+        }
 
 
 def adapter_config(config: LoraConfig, target_modules: list[str]) -> AdapterConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -10,11 +11,14 @@ from conftest import manifest_records, run_process
 
 
 @pytest.fixture
-def unloadable_model(tmp_path_factory):
-    """Passes the up-front model check but cannot be loaded: a job that gets to loading it fails with
-    another error, so exit 2 with our message proves the input was checked first."""
+def unloadable_model(tmp_path_factory, tiny_model):
+    """Passes the up-front model check (model_index.json, and the configs that give its size) but has
+    no weights: a job that gets to loading it fails with another error, so exit 2 with our message
+    proves the input was checked first."""
     folder = tmp_path_factory.mktemp("model") / "broken"
-    folder.mkdir()
+    for component in ("unet", "vae"):
+        (folder / component).mkdir(parents=True)
+        shutil.copy(tiny_model / component / "config.json", folder / component)
     (folder / "model_index.json").write_text("{}")
     return folder
 
@@ -34,6 +38,32 @@ def write(path, text):
 
 def not_an_image(tmp_path):
     return write(tmp_path / "fake.png", "this is text")
+
+
+def truncated_jpeg(tmp_path):
+    """A JPEG cut short: `Image.verify()` passes it; decoding it whole does not."""
+    from PIL import Image
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(folder / "cut.jpg", quality=90)
+    (folder / "cut.jpg").write_bytes((folder / "cut.jpg").read_bytes()[:1500])
+    return folder
+
+
+def decompression_bomb(tmp_path):
+    """A 20,000 x 20,000 PNG of a few hundred KB: PIL refuses to decode 400 million pixels."""
+    from PIL import Image
+
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")
+    return folder
+
+
+def gbk(path, text):
+    path.write_bytes(text.encode("gbk"))
+    return path
 
 
 CASES = {
@@ -92,6 +122,46 @@ CASES = {
         lambda t: {"INPUT_DIR": not_an_image(t).parent, "PROMPT": "猫"},
         ["fake.png", "not a readable image"],
     ),
+    "input that is truncated": (
+        "img2img",
+        lambda t: {"INPUT_DIR": truncated_jpeg(t), "PROMPT": "猫"},
+        ["cut.jpg", "not a readable image"],
+    ),
+    "input that is a decompression bomb": (
+        "img2img",
+        lambda t: {"INPUT_DIR": decompression_bomb(t), "PROMPT": "猫"},
+        ["bomb.png", "decompression bomb"],
+    ),
+    "config file that is not YAML": (
+        "generate",
+        lambda t: {"CONFIG_FILE": write(t / "job.yaml", "prompt: [猫\n")},
+        ["CONFIG_FILE", "job.yaml", "not valid YAML"],
+    ),
+    "config file that is a list": (
+        "generate",
+        lambda t: {"CONFIG_FILE": write(t / "job.yaml", "- prompt: 猫\n")},
+        ["CONFIG_FILE", "a YAML mapping"],
+    ),
+    "config file in GBK": (
+        "generate",
+        lambda t: {"CONFIG_FILE": gbk(t / "job.yaml", "prompt: 一条狗\n")},
+        ["CONFIG_FILE", "not UTF-8", "save it as UTF-8"],
+    ),
+    "prompts file in GBK": (
+        "generate",
+        lambda t: {"PROMPTS_FILE": gbk(t / "p.txt", "一只猫\n一条狗\n")},
+        ["PROMPTS_FILE", "not UTF-8", "save it as UTF-8"],
+    ),
+    "lora scales that do not match the loras": (
+        "generate",
+        lambda t: {"PROMPT": "猫", "LORA_PATH": "a,b,c", "LORA_SCALE": "0.5,0.5"},
+        ["LORA_SCALE", "2 scales for 3 LoRAs"],
+    ),
+    "record with a size not a multiple of 8": (
+        "generate",
+        lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "width": 100}\n')},
+        ["line 1", "width"],
+    ),
     "record naming a missing image": (
         "img2img",
         lambda t: {"PROMPTS_FILE": write(t / "p.jsonl", '{"prompt": "猫", "image": "gone.png"}\n')},
@@ -133,3 +203,21 @@ def test_bad_input_from_a_real_process_has_no_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: SCHEDULER")
+
+
+def test_an_unknown_job_is_named_before_the_usage(capsys):
+    from jobs.cli import main
+
+    assert main(["paint", "--prompt", "猫"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "error: unknown job 'paint'"
+    assert "usage: pai-diffusion JOB" in err and "generate" in err
+
+
+def test_a_run_that_exits_2_changes_nothing_in_output_dir(cli, capsys, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert cli("generate", MODEL_NAME=tiny_model, PROMPT="猫", OUTPUT_DIR=out, NUM_INFERENCE_STEPS=2) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    prompts = write(tmp_path / "p.jsonl", '{"prompt": "猫"}\n{"prompt": 狗}\n')
+    assert cli("generate", MODEL_NAME=tiny_model, PROMPTS_FILE=prompts, OUTPUT_DIR=out) == 2
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

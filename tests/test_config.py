@@ -89,3 +89,10 @@ def test_resolved_configuration_is_printed_with_the_token_masked(cli, capsys, tm
     assert "hf_secret123" not in err
     printed = json.loads(next(line for line in err.splitlines() if line.startswith('{"config"')))["config"]
     assert printed["hf_token"] == "***" and printed["prompt"] == "猫"
+
+
+def test_config_file_with_a_bom_and_crlf_reads_as_any_other(tmp_path):
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_bytes("prompt: 来自文件\r\nguidance_scale: 5.0\r\n".encode("utf-8-sig"))
+    config = load(GenerateConfig, [], {"CONFIG_FILE": str(yaml_file)})
+    assert (config.prompt, config.guidance_scale) == ("来自文件", 5.0)

@@ -217,3 +217,10 @@ def test_processes_read_different_shards_in_an_order_that_does_not_depend_on_the
     assert sorted(i for part in parts for i in part) == list(range(8300))  # no overlap, nothing left out
     shards_read = [{alone.shard_of(i)[0] for i in part} for part in parts]
     assert all(len(read) <= 4 for read in shards_read)  # about a quarter of the 9 shards each
+
+
+def test_a_bom_and_crlf_line_ends_in_metadata_jsonl_are_fine(tmp_path: Path):
+    data = write_dataset(tmp_path / "data", count=3)
+    metadata = data / "train" / "metadata.jsonl"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes().replace(b"\n", b"\r\n"))  # as Notepad saves it
+    assert len(records(data)) == 3

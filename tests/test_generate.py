@@ -60,7 +60,7 @@ def test_n_prompts_by_m_images_give_n_times_m_files_and_records(cli, tiny_model,
     assert record["steps"] == 2 and record["scheduler"] == "dpm++" and record["model"] == str(tiny_model)
     assert (record["width"], record["height"]) == (32, 32)  # the UNet's sample size x the VAE factor
     with Image.open(out / record["file"]) as image:
-        assert json.loads(image.text["parameters"]) == record
+        assert json.loads(image.text["pai-diffusion"]) == record
     gallery = (out / "index.html").read_text(encoding="utf-8")
     assert gallery.count("<figure>") == 6 and PROMPTS[0] in gallery
 
@@ -235,16 +235,23 @@ def test_batched_forward_pass_keeps_items_in_order(tiny_model):
     """The GPU path: a short batch is padded to BATCH_SIZE, each item gets back its own image, and the VAE
     decodes one image at a time. (Bit-exactness is not asserted here: on a CPU, BLAS rounds batched rows
     differently, which is why CPUs render one at a time.)"""
+    from jobs import models
     from jobs.config import GenerateConfig, load
+    from jobs.identity import RunRequest
     from jobs.inference import TEXT_TO_IMAGE, prepare_pipeline, render
     from jobs.prompts import WorkItem
 
     env = {"MODEL_NAME": str(tiny_model), "SCHEDULER": "pndm", "DTYPE": "fp32"}
-    pipe, settings = prepare_pipeline(load(GenerateConfig, ["--prompt", "x"], env), TEXT_TO_IMAGE, 2, None)
+    config = load(GenerateConfig, ["--prompt", "x"], env)
+    pipe, settings = prepare_pipeline(config, TEXT_TO_IMAGE, RunRequest.of(config, []), [])
+    models.set_scheduler(pipe, "pndm")
     decoded_batches = []
     pipe.vae.decoder.register_forward_hook(lambda module, args, output: decoded_batches.append(len(args[0])))
     items = [
-        WorkItem(f"{k}", prompt, None, seed=k, guidance_scale=7.5, image=None) for k, prompt in enumerate(PROMPTS[:2])
+        WorkItem(
+            f"{k}", prompt, None, seed=k, guidance_scale=7.5, steps=2, scheduler="pndm", width=32, height=32, image=None
+        )
+        for k, prompt in enumerate(PROMPTS[:2])
     ]
     batched, _ = render(pipe, items, settings, batch_size=3)
     assert decoded_batches == [1, 1, 1]

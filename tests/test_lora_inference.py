@@ -57,7 +57,7 @@ def test_lora_changes_the_image_and_scale_zero_does_not(cli, tiny_model, peft_lo
     assert zero == plain
     assert weights_file not in (plain, with_lora)  # scale 1, not 0.8
     (record,) = manifest_records(tmp_path / "lora")
-    assert (record["lora"], record["lora_scale"]) == (str(peft_lora), 0.8)
+    assert [(lora["path"], lora["scale"]) for lora in record["loras"]] == [(str(peft_lora), 0.8)]
 
 
 def test_legacy_pai_lora_gives_the_same_image_as_its_peft_twin(cli, tiny_model, peft_lora, tmp_path):
@@ -112,7 +112,7 @@ def test_lora_job_output_applies_with_lora_path_like_its_merged_pipeline(
 def test_lora_alpha_in_the_files_metadata_sets_its_strength(tiny_model, tmp_path):
     """A LoRA trained with lora_alpha = 2 x rank (`lora --lora_alpha 8 --rank 4`) applies as it trained,
     not at alpha = rank: LORA_PATH reads the adapter metadata diffusers saves beside the weights."""
-    from jobs.models import apply_lora, read_lora
+    from jobs.models import apply_loras, read_lora
 
     torch.manual_seed(1)
     trained = UNet2DConditionModel.from_pretrained(tiny_model / "unet")
@@ -123,7 +123,7 @@ def test_lora_alpha_in_the_files_metadata_sets_its_strength(tiny_model, tmp_path
         unet_lora_adapter_metadata=trained.peft_config["default"].to_dict(),
     )
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    apply_lora(pipe, read_lora(tmp_path), scale=1.0, name=str(tmp_path))
+    apply_loras(pipe, [read_lora(tmp_path, str(tmp_path))], [1.0])
     latents, timestep, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(latents, timestep, text).sample, trained(latents, timestep, text).sample)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_process, training_flags
@@ -136,6 +137,23 @@ def test_lora_rank_alpha_text_encoder_without_merged_copy(tiny_model, dataset, t
     assert not torch.equal(before, after), "the text-encoder LoRA was not loaded"
     config = pipe.unet.peft_config["default_0"]
     assert (config.r, config.lora_alpha) == (8, 16)
+
+    # kohya's file (A1111, ComfyUI): both models' adapters under kohya's names, --lora_alpha as alpha,
+    # and stock diffusers renders it as it renders the diffusers file.
+    kohya = load_file(output / "pytorch_lora_weights_kohya.safetensors")
+    unet_down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    assert unet_down in kohya and "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya
+    assert {key.split(".", 1)[1] for key in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
+    assert all(value.item() == 16 for key, value in kohya.items() if key.endswith(".alpha"))
+    images = []
+    for weight_name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+        pipe.load_lora_weights(output, weight_name=weight_name)
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.text_encoder(ids)[0], after)  # the text encoder's adapters too
+        generator = torch.Generator().manual_seed(0)
+        images.append(pipe("一只红色的猫", num_inference_steps=3, generator=generator, output_type="np").images[0])
+    assert np.array_equal(images[0], images[1])
 
 
 def test_truncated_newest_checkpoint_is_skipped_and_the_total_limit_holds(tiny_model, dataset, tmp_path, cli, capfd):
