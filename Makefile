@@ -95,7 +95,7 @@ k8s-validate: install
 # ---- Benchmarks (bench/) ----------------------------------------------------------------------
 # Each prints ratios against a baseline run in the same invocation; figures go to docs/benchmarks.md.
 # A CPU run takes ROUNDS rounds of every contender, as a shared machine's speed drifts (about 25 min
-# a round); `make bench ROUNDS=1` for a quick look. bench/data.py adds about 50 minutes.
+# a round); `make bench ROUNDS=1` for a quick look. bench/data.py adds about 50 minutes, bench/bookkeeping.py 3.
 ROUNDS ?= 3
 .PHONY: bench bench-gpu
 bench: install
@@ -103,6 +103,7 @@ bench: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/train.py --rounds $(ROUNDS)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/vae_decode.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/data.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bookkeeping.py
 
 # On a CUDA machine: the full SD 1.x architecture (860M-parameter UNet, random weights) at 512x512.
 bench-gpu: install
