@@ -22,13 +22,7 @@ RELEASE = "pai-diffusion"  # with this release name the chart's object names are
 Manifest = dict[str, Any]
 
 # Value sets that must render what the overlays render, and one that exercises the other switches.
-HELM_MULTINODE = {
-    "finetune": {
-        "nodes": 2,
-        "gpus": 8,
-        "resources": {"requests": {"cpu": "32", "memory": "200Gi"}, "limits": {"memory": "256Gi"}},
-    }
-}
+HELM_MULTINODE = {"finetune": {"nodes": 2, "gpus": 8}}  # resources per GPU: 8 GPUs get 8 times the CPU and memory
 HELM_KUEUE = {"kueue": {"queueName": "pai-diffusion"}}
 HELM_CUSTOM = {
     "image": {"repository": "registry.example.com/ml/pai-diffusion-jobs", "tag": "1.2.3"},

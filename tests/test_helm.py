@@ -9,6 +9,7 @@ from typing import Any
 
 import helm_python
 import pytest
+import yaml
 from manifests import CHART, HELM_VALUES, RELEASE, helm, kustomize, pods
 
 # What the chart renders with these values must be exactly what kustomize renders from that folder,
@@ -120,3 +121,50 @@ def test_notes_tell_how_to_follow_the_jobs() -> None:
     assert f"kubectl -n ml logs -f job/{RELEASE}-finetune" in notes
     assert f"wait --for=condition=complete --timeout=2h job/{RELEASE}-prefetch" in notes
     assert f"create job --from=cronjob/{RELEASE}-generate" in notes
+
+
+def test_pod_settings_for_every_job_and_a_jobs_own_override_them() -> None:
+    values = {
+        "image": {"digest": "sha256:" + "ab" * 32},
+        "imagePullSecrets": [{"name": "registry"}],
+        "priorityClassName": "batch-low",
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+        "podAnnotations": {"team": "ml"},
+        "env": {"HF_HUB_ENABLE_HF_TRANSFER": "1", "MAX_TRAIN_STEPS": "9"},
+        "envFrom": [{"secretRef": {"name": "hf-token"}}],
+        "lora": {"priorityClassName": "batch-high", "env": {"MAX_TRAIN_STEPS": "20000"}, "podAnnotations": {"x": "y"}},
+    }
+    with helm_python.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        rendered = chart.render(values, name=RELEASE, namespace="default")
+    docs = [doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    for manifest, _, pod in pods(docs):
+        container = pod["containers"][0]
+        assert container["image"] == "pai-diffusion-jobs@sha256:" + "ab" * 32
+        assert pod["imagePullSecrets"] == [{"name": "registry"}] and "nodeAffinity" in pod["affinity"]
+        assert {"secretRef": {"name": "hf-token"}} in container["envFrom"]
+        env = {v["name"]: v.get("value") for v in container["env"]}
+        assert env["HF_HUB_ENABLE_HF_TRANSFER"] == "1"
+        template = (
+            manifest["spec"]["template"]
+            if manifest["kind"] == "Job"
+            else manifest["spec"]["jobTemplate"]["spec"]["template"]
+        )
+        lora = manifest["metadata"]["name"] == f"{RELEASE}-lora"
+        assert pod["priorityClassName"] == ("batch-high" if lora else "batch-low")
+        assert template["metadata"]["annotations"] == ({"team": "ml", "x": "y"} if lora else {"team": "ml"})
+        if lora:
+            assert env["MAX_TRAIN_STEPS"] == "20000"  # the job's own setting wins over the chart-wide one
+
+
+def test_multinode_resources_scale_with_the_gpus() -> None:
+    """The docs' `--set finetune.nodes=4,finetune.gpus=8`: 8 GPUs a pod with 8 times a GPU's CPU and memory."""
+    with helm_python.Chart.load(CHART) as chart:
+        rendered = chart.render({"finetune": {"nodes": 4, "gpus": 8}}, name=RELEASE, namespace="default")
+    docs = [doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    [job] = [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"] == f"{RELEASE}-finetune"]
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 8
+    assert resources["requests"]["cpu"] == "64" and resources["requests"]["memory"] == "512Gi"
+    assert resources["limits"]["memory"] == "512Gi" and resources["requests"]["ephemeral-storage"] == "20Gi"
+    assert job["spec"]["backoffLimit"] == 12 and job["spec"]["completions"] == 4

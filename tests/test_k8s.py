@@ -229,3 +229,51 @@ def test_kueue_admits_every_job(name: str) -> None:
     for job in jobs:
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "pai-diffusion"
         assert job["spec"]["suspend"] is True
+
+
+def quantity_gi(value: str) -> float:
+    """A memory or storage quantity in Gi (the manifests use Gi and Mi)."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * {"Gi": 1, "Mi": 1 / 1024, "Ti": 1024}[unit]
+
+
+@ALL
+def test_pods_are_hardened_for_a_production_cluster(name: str) -> None:
+    for manifest, job, pod in pods(rendering(name)):
+        what = f"{name}: {manifest['metadata']['name']}"
+        assert pod["automountServiceAccountToken"] is False, what
+        assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", what
+        [container] = pod["containers"]
+        requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+        tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")["emptyDir"]["sizeLimit"]
+        # Ephemeral storage requested and bounded, so a pod is scheduled where /tmp fits and never evicted for it.
+        assert quantity_gi(requests["ephemeral-storage"]) >= quantity_gi(tmp), what
+        assert quantity_gi(limits["ephemeral-storage"]) >= quantity_gi(requests["ephemeral-storage"]), what
+        if component(manifest) in ("finetune", "lora"):  # multi-day pods: not first in line for eviction
+            assert requests["memory"] == limits["memory"], what
+        if job.get("completionMode") == "Indexed" and "backoffLimitPerIndex" not in job:
+            assert job["backoffLimit"] == 3 * job["completions"], what  # one node's failure fails them all
+
+
+def selects(policy: dict, labels: dict) -> bool:
+    wanted = policy["spec"]["podSelector"].get("matchLabels", {})
+    return all(labels.get(key) == value for key, value in wanted.items())
+
+
+@ALL
+def test_job_pods_accept_no_connections_but_a_training_jobs_own(name: str) -> None:
+    manifests = rendering(name)
+    policies = [m for m in manifests if m["kind"] == "NetworkPolicy"]
+    assert policies and all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)  # egress stays open
+    for manifest, job, _ in pods(manifests):
+        labels = dict(job["template"]["metadata"]["labels"])
+        if manifest["kind"] == "Job":
+            labels["batch.kubernetes.io/job-name"] = manifest["metadata"]["name"]  # set by the Job controller
+        mine = [p for p in policies if selects(p, labels)]
+        assert mine, f"{name}: {manifest['metadata']['name']} is selected by no NetworkPolicy"
+        sources = [source for p in mine for rule in p["spec"].get("ingress", []) for source in rule["from"]]
+        if job.get("completionMode") == "Indexed" and manifest["kind"] == "Job":
+            own = {"batch.kubernetes.io/job-name": manifest["metadata"]["name"]}
+            assert sources == [{"podSelector": {"matchLabels": own}}], name
+        else:
+            assert sources == [], f"{name}: {manifest['metadata']['name']} accepts connections"

@@ -18,8 +18,20 @@ app.kubernetes.io/part-of: pai-diffusion-jobs
 app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- end -}}
 
+{{/* The image: by digest when one is given (what ran can then be named exactly), else by tag. */}}
 {{- define "pai-diffusion.image" -}}
+{{- if .Values.image.digest -}}
+{{ .Values.image.repository }}@{{ .Values.image.digest }}
+{{- else -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+{{- end -}}
+
+{{/* A quantity ("8", "64Gi", "500m") times a factor: a GPU job's resources are given per GPU. */}}
+{{- define "pai-diffusion.times" -}}
+{{- $quantity := toString .quantity -}}
+{{- $unit := regexFind "[A-Za-z]+$" $quantity -}}
+{{- printf "%v%s" (mulf (trimSuffix $unit $quantity) .factor) $unit -}}
 {{- end -}}
 
 {{/* The claim a volume of .Values.storage uses: yours, or the one this chart creates. */}}
@@ -41,7 +53,9 @@ The Job spec every workload shares. Call with (dict "root" $ "component" "finetu
 "gpu" true "mounts" (list "data" "cache" "outputs") "args" (list "finetune")) and optionally "perIndex"
 (an Indexed Job whose indexes fail alone), "env" (a list of variables after the model's, before the
 job's `env` map), "command", "ports", "subdomain", "withoutModel" (no MODEL_NAME, hub not offline) and
-"objectStorage" (the object-storage Secret's variables, for the jobs that read datasets).
+"objectStorage" (the object-storage Secret's variables, for the jobs that read datasets). A job's
+`priorityClassName` and `affinity` replace the chart-wide ones; its `env`, `envFrom` and `podAnnotations`
+add to them.
 */}}
 {{- define "pai-diffusion.jobSpec" -}}
 {{- $root := .root -}}
@@ -52,6 +66,9 @@ suspend: true  # Kueue starts the Job when its queue admits it
 {{- end }}
 {{- if .perIndex }}
 backoffLimitPerIndex: {{ $job.backoffLimitPerIndex }}  # a failing shard is retried alone
+{{- else if gt (int ($job.nodes | default 1)) 1 }}
+# Counted over all pods: one node's failure fails its N - 1 peers too, so 3 retries of the group are 3 x N.
+backoffLimit: {{ mul 3 $job.nodes }}
 {{- else }}
 backoffLimit: 3
 {{- end }}
@@ -72,10 +89,22 @@ template:
   metadata:
     labels:
       {{- include "pai-diffusion.labels" (dict "root" $root "component" .component) | nindent 6 }}
+    {{- with merge (dict) ($job.podAnnotations | default dict) $root.Values.podAnnotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
   spec:
     restartPolicy: Never
     serviceAccountName: {{ $fullname }}
+    automountServiceAccountToken: false  # the jobs never call the Kubernetes API
     terminationGracePeriodSeconds: {{ $job.terminationGracePeriodSeconds | default 30 }}
+    {{- with $job.priorityClassName | default $root.Values.priorityClassName }}
+    priorityClassName: {{ . }}
+    {{- end }}
+    {{- with $root.Values.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     {{- with .subdomain }}
     subdomain: {{ . }}  # the headless Service that gives node 0 its name
     {{- end }}
@@ -84,6 +113,7 @@ template:
       runAsUser: 1000
       runAsGroup: 1000
       fsGroup: 1000
+      fsGroupChangePolicy: OnRootMismatch  # not a chown of every file of a big claim at each start
       seccompProfile:
         type: RuntimeDefault
     {{- if .gpu }}
@@ -95,6 +125,10 @@ template:
     tolerations:
       {{- toYaml . | nindent 6 }}
     {{- end }}
+    {{- end }}
+    {{- with $job.affinity | default $root.Values.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
     {{- end }}
     containers:
       - name: {{ .component }}
@@ -118,25 +152,36 @@ template:
           {{- with .env }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
-          {{- range $name, $value := $job.env }}
+          {{- range $name, $value := merge (dict) ($job.env | default dict) $root.Values.env }}
           - name: {{ $name }}
             value: {{ $value | toString | quote }}
           {{- end }}
-        {{- if .objectStorage }}
+        {{- $envFrom := concat $root.Values.envFrom ($job.envFrom | default list) }}
+        {{- if or .objectStorage $envFrom }}
         envFrom:
+          {{- if .objectStorage }}
           - secretRef:  # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for s3:// paths
               name: {{ $root.Values.objectStorage.secretName | default (printf "%s-object-storage" $fullname) }}
               optional: true
+          {{- end }}
+          {{- with $envFrom }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
         {{- end }}
         {{- with .ports }}
         ports:
           {{- toYaml . | nindent 10 }}
         {{- end }}
-        resources:
+        {{- $gpus := ternary (int $job.gpus) 1 (.gpu | default false) }}
+        resources:  # a GPU job's CPU and memory are per GPU
           requests:
-            {{- toYaml $job.resources.requests | nindent 12 }}
+            {{- range $name, $quantity := $job.resources.requests }}
+            {{ $name }}: {{ ternary $quantity (include "pai-diffusion.times" (dict "quantity" $quantity "factor" $gpus)) (eq $name "ephemeral-storage") | quote }}
+            {{- end }}
           limits:
-            {{- toYaml $job.resources.limits | nindent 12 }}
+            {{- range $name, $quantity := $job.resources.limits }}
+            {{ $name }}: {{ ternary $quantity (include "pai-diffusion.times" (dict "quantity" $quantity "factor" $gpus)) (eq $name "ephemeral-storage") | quote }}
+            {{- end }}
             {{- if .gpu }}
             nvidia.com/gpu: {{ $job.gpus }}
             {{- end }}
@@ -171,8 +216,9 @@ template:
           {{- end }}
         {{- end }}
       {{- end }}
-      - name: tmp
-        emptyDir: {}
+      - name: tmp  # compile caches (inductor, Triton) and temporaries
+        emptyDir:
+          sizeLimit: {{ $job.tmpSize }}
       - name: dshm  # data loader workers and NCCL share memory through /dev/shm (64 Mi by default)
         emptyDir:
           medium: Memory
