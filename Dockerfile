@@ -5,7 +5,9 @@
 # NVIDIA_* variables the container toolkit reads). Not the "runtime"/"cudnn-runtime" flavours nor
 # pytorch/pytorch: torch's cu128 wheels bring cuBLAS, cuDNN and NCCL as exactly pinned nvidia-* wheels and
 # load only those, so those images would add gigabytes of second copies. CUDA 12.8 matches TORCH_INDEX_URL.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# Pinned by digest (the multi-arch index of the tag), so a rebuild gets the same base until this line
+# changes; to move on: `docker buildx imagetools inspect nvidia/cuda:<tag>` and paste its digest.
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04@sha256:133c78a0575303be34164d0b90137a042172bdf60696af01a3c424ab402d86e2
 
 FROM ${BASE_IMAGE} AS builder
 ARG DEBIAN_FRONTEND=noninteractive
@@ -44,9 +46,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 # ca-certificates: the system trust store, for hub downloads behind a proxy with its own CA (SSL_CERT_FILE).
+# tini: a real init as PID 1. The kernel ignores SIGTERM for a PID 1 without a handler, and Python
+# installs the job's handler only after it starts: a pod stopped in its first second would hang
+# until the grace period ends. tini forwards the signal and reaps, and exits with the job's code.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 ca-certificates \
+ && apt-get install -y --no-install-recommends python3 ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 
 # UID 1000, as the Kubernetes manifests expect. Ubuntu 24.04 images already give UID 1000 to `ubuntu`.
@@ -87,5 +92,5 @@ LABEL org.opencontainers.image.title="pai-diffusion-jobs" \
       org.opencontainers.image.revision="$REVISION" \
       org.opencontainers.image.base.name="$BASE_IMAGE"
 
-ENTRYPOINT ["pai-diffusion"]
+ENTRYPOINT ["tini", "--", "pai-diffusion"]
 CMD ["--help"]

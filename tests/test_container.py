@@ -40,11 +40,12 @@ def test_dockerfile_is_clean_under_hadolint():
 def test_dockerfile_keeps_the_container_contract():
     text = DOCKERFILE.read_text()
     final_stage = text.rsplit("\nFROM ", 1)[1]
-    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\d+\.\d+\.\d+-\w+-ubuntu\d+\.\d+$", text, re.M), "base pinned by tag"
+    base = r"^ARG BASE_IMAGE=nvidia/cuda:\d+\.\d+\.\d+-\w+-ubuntu\d+\.\d+@sha256:[0-9a-f]{64}$"
+    assert re.search(base, text, re.M), "base pinned by tag and digest"
     assert "USER 1000:1000" in final_stage  # the manifests' runAsUser
     assert "HF_HOME=/cache/huggingface" in final_stage
     assert 'VOLUME ["/cache", "/outputs"]' in final_stage
-    assert 'ENTRYPOINT ["pai-diffusion"]' in final_stage
+    assert 'ENTRYPOINT ["tini", "--", "pai-diffusion"]' in final_stage  # a real init as PID 1
     assert "COPY --from=builder /opt/venv /opt/venv" in final_stage
 
 
