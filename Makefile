@@ -15,7 +15,15 @@ $(VENV)/.installed: requirements/runtime.txt requirements/dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
-install: $(VENV)/.installed
+# checkov, the manifests' scanner, has pins of its own that clash with the jobs': it gets a venv of its own.
+CHECKOV_VENV ?= .venv-checkov
+$(CHECKOV_VENV)/.installed: requirements/checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet -r requirements/checkov.txt
+	touch $@
+
+install: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
@@ -87,10 +95,11 @@ test-image: install
 # ---- Kubernetes manifests (k8s/, helm/) -------------------------------------------------------
 # Offline, with the real tools: kubectl kustomize, Helm's Go SDK (helm lint --strict, the values
 # schema), kubernetes-validate --strict for Kubernetes 1.30 and the newest it ships, yamllint,
+# checkov over every rendering and the Dockerfile (k8s/checkov-skips.yaml says what it skips and why),
 # and the policy and chart/kustomize parity tests. `make test` runs the same checks among the rest.
 .PHONY: k8s-validate
 k8s-validate: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q tests/test_k8s.py tests/test_helm.py
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q tests/test_k8s.py tests/test_helm.py tests/test_scan.py
 
 # ---- Benchmarks (bench/) ----------------------------------------------------------------------
 # Each prints ratios against a baseline run in the same invocation; figures go to docs/benchmarks.md.
