@@ -6,8 +6,8 @@ line of the Dockerfile runs as in production, through `make build`. Then `genera
 the image through `make run-local DOCKER=podman`, as a restricted Kubernetes pod would run them: UID 1000,
 read-only root filesystem, a tmpfs /tmp, no capabilities, no network, HF_HUB_OFFLINE=1, a tiny PAI-shaped model
 and a dataset mounted read-only, an outputs and a cache folder mounted read-write. Their outputs are checked
-on the host. Last, a job is stopped one second after it starts, as Kubernetes stops a pod: SIGTERM, then a
-long grace period; it must exit with 143 within seconds, which needs a real init (tini) as the image's PID 1.
+on the host. Last, a job is stopped as it starts and one second later, as Kubernetes stops a pod: SIGTERM, then
+a long grace period; it must exit with 143 within seconds, which needs a real init (tini) as the image's PID 1.
 
 Needs root (rootful podman, debootstrap) and Debian's archive; installs podman, runc and debootstrap with apt.
 Caches outside git: the base image and the build layers in podman's storage, the rest under CACHE
@@ -229,24 +229,29 @@ JOBS = [
 
 
 def stop_in_the_first_second(paths: dict[str, Path], log) -> str:
-    """SIGTERM one second after a job starts, while Python still imports torch and has no handler of its
-    own, with 60 s of grace: tini, the image's PID 1, must pass it on, and the container end with 143 at once."""
-    name = f"pai-diffusion-sigterm-{os.getpid()}"
-    run = ["podman", "run", "--detach", f"--name={name}", *POD_FLAGS.split(), "--read-only", "--tmpfs=/tmp"]
-    run += [f"--user={APP_UID}:{APP_UID}", f"--volume={paths['data']}:/data:ro", "--env=HF_HUB_OFFLINE=1"]
-    run += ["--env=MODEL_NAME=/data/pai-tiny", "--env=PROMPT=一只猫", f"{IMAGE}:{TAG}", "generate"]
-    sh(*run, log=log, what="podman run --detach")
-    try:
-        time.sleep(1)
-        started = time.perf_counter()
-        sh("podman", "stop", "--time=60", name, log=log, what="podman stop")
-        seconds = time.perf_counter() - started
-        code = int(subprocess.check_output(["podman", "inspect", "--format={{.State.ExitCode}}", name], text=True))
-    finally:
-        subprocess.run(["podman", "rm", "--force", name], stdout=log, stderr=subprocess.STDOUT)
-    if code != 143 or seconds > 10:
-        raise Failed(f"SIGTERM in the first second: exit {code} after {seconds:.1f} s (want 143 within 10 s)")
-    return f"SIGTERM in the first second: 143 in {seconds:.1f} s"
+    """SIGTERM as a job starts and one second later, while Python starts and imports torch, with 60 s of
+    grace: the container must end with 143 within seconds. Right at the start only a real init as PID 1
+    (tini) can do that: the kernel ignores SIGTERM for a PID 1 without a handler (measured without tini:
+    the job ignored it and ran on to its end)."""
+    results = []
+    for delay in (0, 1):
+        name = f"pai-diffusion-sigterm-{os.getpid()}-{delay}"
+        run = ["podman", "run", "--detach", f"--name={name}", *POD_FLAGS.split(), "--read-only", "--tmpfs=/tmp"]
+        run += [f"--user={APP_UID}:{APP_UID}", f"--volume={paths['data']}:/data:ro", "--env=HF_HUB_OFFLINE=1"]
+        run += ["--env=MODEL_NAME=/data/pai-tiny", "--env=PROMPT=一只猫", f"{IMAGE}:{TAG}", "generate"]
+        sh(*run, log=log, what="podman run --detach")
+        try:
+            time.sleep(delay)
+            started = time.perf_counter()
+            sh("podman", "stop", "--time=60", name, log=log, what="podman stop")
+            seconds = time.perf_counter() - started
+            code = int(subprocess.check_output(["podman", "inspect", "--format={{.State.ExitCode}}", name], text=True))
+        finally:
+            subprocess.run(["podman", "rm", "--force", name], stdout=log, stderr=subprocess.STDOUT)
+        if code != 143 or seconds > 10:
+            raise Failed(f"SIGTERM {delay} s after the start: exit {code} after {seconds:.1f} s (want 143 within 10 s)")
+        results.append(f"{seconds:.1f} s")
+    return f"SIGTERM at the start and 1 s in: 143 in {' and '.join(results)}"
 
 
 def build_and_run(log) -> tuple[str, list[str]]:
