@@ -104,7 +104,8 @@ k8s-validate: install
 # ---- Benchmarks (bench/) ----------------------------------------------------------------------
 # Each prints ratios against a baseline run in the same invocation; figures go to docs/benchmarks.md.
 # A CPU run takes ROUNDS rounds of every contender, as a shared machine's speed drifts (about 25 min
-# a round); `make bench ROUNDS=1` for a quick look. bench/data.py adds about 50 minutes, bench/bookkeeping.py 3.
+# a round); `make bench ROUNDS=1` for a quick look. bench/data.py adds about 50 minutes, bench/bookkeeping.py 3,
+# bench/compile.py (one round) 50.
 ROUNDS ?= 3
 .PHONY: bench bench-gpu
 bench: install
@@ -113,9 +114,11 @@ bench: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/vae_decode.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/data.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bookkeeping.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/compile.py --rounds 1
 
 # On a CUDA machine: the full SD 1.x architecture (860M-parameter UNet, random weights) at 512x512.
 bench-gpu: install
 	$(BIN)/python bench/generate.py --size sd1 --device cuda --prompts 256
 	$(BIN)/python bench/train.py --size sd1 --device cuda --resolution 512 --batch 8 --steps 40 --images 64
 	$(BIN)/python bench/vae_decode.py --size sd1 --device cuda --batch 32 --resolution 512
+	$(BIN)/python bench/compile.py --size sd1 --device cuda --dtype fp16 --prompts 256 32 --rounds 1

@@ -81,7 +81,20 @@ class JobConfig(HubOptions):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     variant: str | None = Field(None, description="Weights variant, e.g. fp16.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N or mps.")
-    compile: bool = Field(False, description="torch.compile the UNet: a slower start for faster steps, for long runs.")
+    compile: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="torch.compile the UNet: auto (when the work ahead pays for it), true, false (jobs/compiling.py).",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="Where compiled code is kept for the next pods (default $HF_HOME/pai-diffusion-compile)."
+    )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_words(cls, value: object) -> object:
+        """`--compile` alone, COMPILE=1 or yes, as for the other switches."""
+        value = value.lower() if isinstance(value, str) else value
+        return {True: "true", False: "false", "1": "true", "yes": "true", "0": "false", "no": "false"}.get(value, value)
 
 
 class InferenceConfig(JobConfig):
@@ -297,7 +310,7 @@ def load(
 ) -> Config:
     """Read a job's configuration from flags, env vars and `CONFIG_FILE`; raise BadInput if invalid.
     `prog` is the command that `--help` shows (the job's, from jobs/registry.py)."""
-    argv = _join_list_flags(sys.argv[1:] if argv is None else argv)
+    argv = _join_list_flags(_bare_compile(sys.argv[1:] if argv is None else argv))
     env = dict(os.environ if env is None else env)
     from_file = _config_file(Path(env["CONFIG_FILE"])) if env.get("CONFIG_FILE") else {}
 
@@ -332,6 +345,14 @@ def _config_file(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
         raise BadInput(f"CONFIG_FILE {path}: expected settings by name (a YAML mapping), got {type(values).__name__}")
     return values
+
+
+def _bare_compile(argv: list[str]) -> list[str]:
+    """`--compile` alone is `--compile true`, as it was when the option was a switch."""
+    return [
+        "--compile=true" if arg == "--compile" and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else arg
+        for i, arg in enumerate(argv)
+    ]
 
 
 def _join_list_flags(argv: list[str]) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from jobs import atomic, identity, models, outputs
+from jobs import atomic, compiling, identity, models, outputs
 from jobs.config import GenerateConfig, Img2ImgConfig, InferenceConfig
 from jobs.errors import BadInput
 from jobs.identity import RunRequest, request
@@ -72,11 +72,14 @@ def run(config: InferenceConfig, mode: Mode) -> None:
     todo = decision.to_render
     log.info("work", extra={"fields": {"items": len(work.items), "shard": len(mine), "to_render": len(todo)}})
     if todo:
-        pipe, settings = prepare_pipeline(config, mode, run_request, loras)
+        device = models.resolve_device(config.device)
+        dtype = models.resolve_dtype(config.dtype, device)
         # Batching pays on a GPU. On a CPU it is no faster, and BLAS picks different kernels for
         # different row counts, which would make an image's last bits depend on its batch.
-        batch_size = config.batch_size if pipe.device.type != "cpu" else 1
-        render_all(pipe, todo, settings, batch_size, manifest, config.output_dir, len(mine))
+        batch_size = config.batch_size if device.type != "cpu" else 1
+        cache = compile_cache(config, device, dtype, batch_size, todo)
+        pipe, settings = prepare_pipeline(config, mode, run_request, loras, cache is not None)
+        render_all(pipe, todo, settings, batch_size, manifest, config.output_dir, len(mine), cache)
     gallery = outputs.write_gallery(config.output_dir, f"pai-diffusion {mode.job}: {config.output_dir.name}", ledger)
     seconds = time.perf_counter() - started
     summary = (
@@ -110,8 +113,28 @@ def repair(decision: identity.Decision, items: list[WorkItem], manifest: outputs
         path.unlink()
 
 
+def compile_cache(
+    config: InferenceConfig, device: torch.device, dtype: torch.dtype, batch_size: int, todo: list[WorkItem]
+) -> compiling.CompileCache | None:
+    """Whether to compile (COMPILE), said in the log with why; if so, the compile cache it loads from."""
+    cache = None
+    if config.compile != "false":
+        sizes = sorted({(item.width, item.height) for item in todo})
+        key = {"kind": "inference", "device": compiling.device_name(device), "dtype": str(dtype), "batch": batch_size}
+        key |= {"model": models.model_identity(config), "sizes": sizes}
+        cache = compiling.CompileCache.for_key(config.compile_cache_dir or compiling.default_directory(), key)
+    passes = sum(item.steps for item in todo) // batch_size
+    compile, why = compiling.decide(config.compile, passes, "inference", device, cache is not None and cache.warm)
+    fields = {"why": why, "cache": str(cache and cache.path), "warm": bool(cache and cache.warm)}
+    log.info("compile" if compile else "no compile", extra={"fields": fields})
+    if not compile:
+        return None
+    cache.use()
+    return cache
+
+
 def prepare_pipeline(
-    config: InferenceConfig, mode: Mode, run_request: RunRequest, loras: list[models.Lora]
+    config: InferenceConfig, mode: Mode, run_request: RunRequest, loras: list[models.Lora], compile: bool = False
 ) -> tuple[DiffusionPipeline, Settings]:
     """Load the model once, with its LoRAs fused in, and fix what every image of the run shares."""
     device = models.resolve_device(config.device)
@@ -126,7 +149,7 @@ def prepare_pipeline(
     # One image at a time: a batch's decode would need 1.7x the memory of its denoising (SD 1.x at
     # 512 px: 360 MB an image against 210 MB), and it would cap BATCH_SIZE (docs/benchmarks.md).
     pipe.vae.enable_slicing()
-    if config.compile:
+    if compile:
         # The whole UNet: at inference its resnets gain too (1.19x, against 1.07x for the transformer blocks alone).
         pipe.unet = torch.compile(pipe.unet)
     return pipe, Settings(mode.job, str(dtype).removeprefix("torch."), run_request)
@@ -140,8 +163,10 @@ def render_all(
     manifest: outputs.Manifest,
     output_dir: Path,
     shard_size: int,
+    cache: compiling.CompileCache | None = None,
 ) -> None:
-    """Render batch after batch while a writer thread saves the previous one.
+    """Render batch after batch while a writer thread saves the previous one; after the first batch
+    and at the end, what was compiled goes to the compile cache.
 
     Encoding a 512x512 PNG takes 5-30 ms, which a GPU at 10 images/s cannot spare on its own thread.
     One writer with at most one batch queued keeps memory bounded and the manifest in order; on the
@@ -152,7 +177,7 @@ def render_all(
     scheduler = None
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer") as writer:
-            for batch in batches(items, batch_size):
+            for number, batch in enumerate(batches(items, batch_size)):
                 if batch[0].scheduler != scheduler:
                     scheduler = batch[0].scheduler
                     models.set_scheduler(pipe, scheduler)
@@ -166,10 +191,14 @@ def render_all(
                     queued.result()  # a failed write stops the run here, not batches later
                 queued = writer.submit(save_batch, images, records, manifest, output_dir)
                 progress.update(len(batch))
+                if cache is not None and number == 0:  # the first batch compiled the UNet
+                    cache.save()
             if queued is not None:
                 queued.result()
     finally:
         progress.close()
+    if cache is not None:
+        cache.save()
 
 
 def save_batch(

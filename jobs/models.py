@@ -151,6 +151,12 @@ def default_resolution(config: JobConfig) -> int:
     return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def model_identity(config: JobConfig) -> dict:
+    """The model as compiled code depends on it: its name and revision, and its UNet's architecture."""
+    unet = json.dumps(_component_config(config, "unet"), sort_keys=True)
+    return {"name": config.pretrained_model_name_or_path, "revision": config.revision, "unet": unet}
+
+
 def _component_config(config: JobConfig, component: str) -> dict:
     name = config.pretrained_model_name_or_path
     try:

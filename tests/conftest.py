@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Before torch loads OpenMP: idle threads sleep instead of spinning, or on a busy machine (CI, shared
 # cores) they starve each other and a test runs ten times slower. Numerics are unchanged.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Compiled code goes to a folder of the session's, not to the machine's HF_HOME.
+os.environ.setdefault("COMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="pai-diffusion-compile-"))
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
