@@ -39,7 +39,7 @@ log = logging.getLogger("jobs")
 # UNet passes (an image's steps; a training run's micro-steps) after which compiling pays, with an
 # empty cache and with this key's file in it (docs/benchmarks.md, *Compiling*).
 BREAK_EVEN = {
-    ("cpu", "inference"): (1500, 300),
+    ("cpu", "inference"): (900, 100),
     ("cpu", "training"): (600, 150),
     # Not measured here (no GPU was lent): a GPU's step saves less time against a compile of minutes.
     ("cuda", "inference"): (6000, 1000),

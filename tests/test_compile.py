@@ -132,4 +132,4 @@ def test_a_short_run_does_not_compile_by_default(tiny_model, tmp_path, cli, capf
     assert cli("generate", MODEL_NAME=tiny_model, PROMPT="一只猫", OUTPUT_DIR=out, NUM_INFERENCE_STEPS=2) == 0
     assert compiled_graphs() == 0
     line = next(json.loads(line) for line in capfd.readouterr().err.splitlines() if "no compile" in line)
-    assert "COMPILE=auto: 2 UNet passes ahead, compiling pays only from 1500 with an empty cache" == line["why"]
+    assert "COMPILE=auto: 2 UNet passes ahead, compiling pays only from 900 with an empty cache" == line["why"]
