@@ -40,7 +40,7 @@ log = logging.getLogger("jobs")
 # empty cache and with this key's file in it (docs/benchmarks.md, *Compiling*).
 BREAK_EVEN = {
     ("cpu", "inference"): (900, 100),
-    ("cpu", "training"): (600, 150),
+    ("cpu", "training"): (300, 50),
     # Not measured here (no GPU was lent): a GPU's step saves less time against a compile of minutes.
     ("cuda", "inference"): (6000, 1000),
     ("cuda", "training"): (3000, 500),
