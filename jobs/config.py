@@ -214,6 +214,18 @@ class TrainConfig(JobConfig, DataOptions):
     resolution: int = Field(512, ge=8, multiple_of=8)
     center_crop: bool = False
     random_flip: bool = False
+    aspect_buckets: bool = Field(
+        False,
+        description="Train each image at about its own aspect ratio, in buckets of about --resolution^2 pixels,"
+        " instead of a square crop; every batch from one bucket.",
+    )
+    bucket_reso_steps: int = Field(
+        64, ge=8, multiple_of=8, description="Bucket sides are multiples of this (64 for SD 1.x's UNet)."
+    )
+    max_aspect_ratio: float = Field(2.0, ge=1.0, description="Buckets range from 1:N to N:1.")
+    caption_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of training a record on the empty prompt instead of its caption."
+    )
     train_batch_size: int = Field(16, ge=1)
     num_train_epochs: int = Field(100, ge=1)
     max_train_steps: int | None = Field(None, ge=1)
@@ -271,6 +283,15 @@ class TrainConfig(JobConfig, DataOptions):
         ge=0,
         description="Images that fail to decode before the run stops (default: 1% of the records, at least 10).",
     )
+
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> TrainConfig:
+        if self.aspect_buckets and self.resolution < self.bucket_reso_steps:
+            raise ValueError(
+                f"--aspect_buckets: --resolution {self.resolution} is smaller than --bucket_reso_steps"
+                f" {self.bucket_reso_steps}, so no bucket fits"
+            )
+        return self
 
 
 class PackConfig(DataOptions):

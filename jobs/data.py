@@ -6,7 +6,8 @@ the batches it skips, and whatever the number of threads. The order comes from t
 alone (`BatchPlan`); records are read a window at a time, the next window read ahead on a thread
 (sequential reads suit object storage and tar files), and decoded on a thread pool (PIL releases
 the GIL while it decodes and resizes). An image that cannot be used is replaced by the next good
-one of its window, and counted (`BadSamples`).
+one of its window (and bucket), and counted (`BadSamples`). With --aspect_buckets (jobs/buckets.py)
+every batch holds records of one bucket, cut from one window.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from PIL import Image
 
 from jobs.config import TrainConfig
 from jobs.errors import BadInput
-from jobs.records import Sample, ShardCursors, Source
+from jobs.records import IMAGE_ERRORS, Sample, ShardCursors, Source, undecodable, unusable
 
 if TYPE_CHECKING:
+    from jobs.buckets import AspectBuckets
     from jobs.latent_cache import LatentCache
 
 log = logging.getLogger("jobs")
@@ -39,6 +41,8 @@ log = logging.getLogger("jobs")
 WINDOW_RECORDS = 1024
 READ_AHEAD_WINDOWS = 1
 DECODE_AHEAD_BATCHES = 2
+# Independent random streams drawn from the same (seed, epoch, ...) as the crops and flips.
+DROPPED_BATCHES, CAPTION_DROPOUT = 1, 2
 
 
 def data_seed(config: TrainConfig) -> int:
@@ -46,26 +50,32 @@ def data_seed(config: TrainConfig) -> int:
     return config.seed if config.seed is not None else 0
 
 
+def random_stream(entropy: tuple[int, ...], purpose: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(entropy, spawn_key=(purpose,)))
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """Resize the short side, crop a square (centre or random), optionally flip, scale to [-1, 1]."""
+    """Resize to cover the target size, crop the rest (centre or random), optionally flip, scale to [-1, 1].
+    The target is a --resolution square, or with --aspect_buckets the image's bucket."""
 
     resolution: int
     center_crop: bool
     random_flip: bool
 
-    def crop(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        scale = self.resolution / min(image.size)
+    def crop(self, image: Image.Image, rng: np.random.Generator, size: tuple[int, int] | None = None) -> Image.Image:
+        target_width, target_height = size or (self.resolution, self.resolution)
+        scale = max(target_width / image.width, target_height / image.height)
         width, height = (
-            max(self.resolution, round(image.width * scale)),
-            max(self.resolution, round(image.height * scale)),
+            max(target_width, round(image.width * scale)),
+            max(target_height, round(image.height * scale)),
         )
         image = image.resize((width, height), Image.Resampling.BILINEAR)
         if self.center_crop:
-            left, top = (width - self.resolution) // 2, (height - self.resolution) // 2
+            left, top = (width - target_width) // 2, (height - target_height) // 2
         else:
-            left, top = int(rng.integers(width - self.resolution + 1)), int(rng.integers(height - self.resolution + 1))
-        return image.crop((left, top, left + self.resolution, top + self.resolution))
+            left, top = int(rng.integers(width - target_width + 1)), int(rng.integers(height - target_height + 1))
+        return image.crop((left, top, left + target_width, top + target_height))
 
     def flips(self, rng: np.random.Generator) -> bool:
         return self.random_flip and bool(rng.random() < 0.5)
@@ -91,17 +101,37 @@ class BatchPlan:
     r takes the r-th of `world_size` equal parts of it, the last one padded from the start: processes
     read different shards, and all take the same number of steps, so none waits for another at the
     end of an epoch. Resuming at micro-batch N asks for batch N directly.
+
+    With buckets (each record's, -1 for one that cannot be used), each window's records of a bucket
+    are cut into batches, the last one filled up from the bucket's first records of the window,
+    and the epoch's batches ordered by where they start. That makes some more batches than the
+    records need; a seeded choice of them is left out, so every epoch has ceil(records / batch)
+    batches as without buckets, and the records left out change from epoch to epoch. Process r
+    takes the r-th of `world_size` equal parts of the batches.
     """
 
-    def __init__(self, sizes: list[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        sizes: list[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        buckets: np.ndarray | None = None,
+    ):
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
         self.total = int(self.sizes.sum())
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.per_process = math.ceil(self.total / world_size)
-        self.batches_per_epoch = math.ceil(self.per_process / batch_size)
+        self.buckets = buckets
+        if buckets is None:
+            self.per_process = math.ceil(self.total / world_size)
+            self.batches_per_epoch = math.ceil(self.per_process / batch_size)
+        else:
+            self.batches_per_epoch = math.ceil(math.ceil(int((buckets >= 0).sum()) / batch_size) / world_size)
         self._orders: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()  # the loader's read-ahead thread asks too
+        self._batches: dict[int, np.ndarray] = {}
+        self._lock = threading.RLock()  # the loader's read-ahead thread asks too
 
     def order(self, epoch: int) -> np.ndarray:
         """Every record index of the epoch, in the epoch's order (8 bytes a record; the last two epochs kept)."""
@@ -118,9 +148,36 @@ class BatchPlan:
     def positions(self, number: int) -> tuple[int, np.ndarray]:
         """The epoch of micro-batch `number` and the positions of its records in the epoch's order."""
         epoch, index = divmod(number, self.batches_per_epoch)
+        if self.buckets is not None:
+            return epoch, self.bucket_batches(epoch)[self.rank * self.batches_per_epoch + index]
         start = self.rank * self.per_process + index * self.batch_size
         stop = min(start + self.batch_size, (self.rank + 1) * self.per_process)
         return epoch, np.arange(start, stop) % self.total
+
+    def bucket_batches(self, epoch: int) -> np.ndarray:
+        """Every process's batches of the epoch, one row of positions each (8 bytes a record; two epochs kept)."""
+        with self._lock:
+            if epoch not in self._batches:
+                self._batches = {e: b for e, b in self._batches.items() if e >= epoch - 1}
+                self._batches[epoch] = self._cut_into_batches(epoch)
+            return self._batches[epoch]
+
+    def _cut_into_batches(self, epoch: int) -> np.ndarray:
+        bucket = self.buckets[self.order(epoch)]
+        usable = np.flatnonzero(bucket >= 0)
+        grouped = usable[np.lexsort((usable, bucket[usable], usable // WINDOW_RECORDS))]
+        keys = (grouped // WINDOW_RECORDS) * (int(self.buckets.max()) + 1) + bucket[grouped]
+        groups = np.split(grouped, np.flatnonzero(np.diff(keys)) + 1)
+        size = self.batch_size
+        batches = np.concatenate([np.resize(g, math.ceil(len(g) / size) * size).reshape(-1, size) for g in groups])
+        batches = batches[np.argsort(batches[:, 0], kind="stable")]
+        wanted = self.batches_per_epoch * self.world_size
+        if len(batches) > wanted:
+            left_out = random_stream((self.seed, epoch), DROPPED_BATCHES).choice(
+                len(batches), len(batches) - wanted, replace=False
+            )
+            batches = np.delete(batches, left_out, axis=0)
+        return batches[np.arange(wanted) % len(batches)]
 
     def batch(self, number: int) -> list[tuple[int, int]]:
         """(epoch, record index) of each record of micro-batch `number`."""
@@ -160,10 +217,15 @@ class Item:
 
     index: int
     flip: bool
+    caption_dropped: bool = False  # trained on the empty prompt (--caption_dropout)
     pixel_values: torch.Tensor | None = None  # transformed; both flips when the latent cache must encode it
     latent_dist: torch.Tensor | None = None  # from the latent cache, both flips
     text_embeddings: torch.Tensor | None = None  # from the latent cache
     input_ids: torch.Tensor | None = None
+
+
+def caption_dropped(seed: int, epoch: int, index: int, probability: float) -> bool:
+    return probability > 0 and bool(random_stream((seed, epoch, index), CAPTION_DROPOUT).random() < probability)
 
 
 class Loader:
@@ -179,9 +241,13 @@ class Loader:
         cache: LatentCache | None,
         threads: int,
         bad: BadSamples,
+        buckets: AspectBuckets | None = None,
+        caption_dropout: float = 0.0,
     ):
         self.source, self.plan, self.transform, self.tokenizer = source, plan, transform, tokenizer
         self.seed, self.cache, self.threads, self.bad = seed, cache, threads, bad
+        self.buckets, self.caption_dropout = buckets, caption_dropout
+        self.empty_ids = tokenize(tokenizer, [""])[0]
 
     def batches(self, start: int, stop: int) -> Iterator[list[Item]]:
         """Micro-batches `start` to `stop - 1`, each a list of items in plan order."""
@@ -207,57 +273,54 @@ class Loader:
         return futures
 
     def _prepare_or_substitute(self, epoch: int, position: int, window: Window) -> Item:
-        """The record at `position`, or when it is bad the next good one of the window (deterministic)."""
+        """The record at `position`, or when it is bad the next good one of its window and bucket (deterministic)."""
         start = window.positions.index(position)
-        for candidate in window.positions[start:] + window.positions[:start]:
+        candidates = window.positions[start:] + window.positions[:start]
+        if self.buckets is not None:
+            bucket = self.buckets.of_record[window.records[position]]
+            candidates = [c for c in candidates if self.buckets.of_record[window.records[c]] == bucket]
+        for candidate in candidates:
             index = window.records[candidate]
             item = self.prepare(epoch, index, window.samples.get(index))
             if item is not None:
                 return item
-        raise BadInput(f"all {len(window.positions)} records of a window are bad, e.g. {self.bad.found[index]}")
+        raise BadInput(f"all {len(candidates)} records of a window are bad, e.g. {self.bad.found[index]}")
 
     def prepare(self, epoch: int, index: int, sample: Sample | None) -> Item | None:
         """One record as the step takes it, or None (and counted) if it cannot be used."""
         rng = np.random.default_rng((self.seed, epoch, index))
+        dropped = caption_dropped(self.seed, epoch, index, self.caption_dropout)
         cached = self.cache.get(index) if self.cache is not None else None
         if cached is not None:
-            return Item(index, self.transform.flips(rng), **cached)
+            return Item(index, self.transform.flips(rng), dropped, **cached)
         assert sample is not None, f"record {index} was not read"
-        problem = sample.problem or self._problem(sample)
+        problem = unusable(sample)
         if problem is None:
             try:
                 with Image.open(io.BytesIO(sample.image)) as image:
                     image.load()  # decodes every byte: a truncated file fails here
                     rgb = image.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
-                problem = f"image cannot be decoded ({error})"
+            except IMAGE_ERRORS as error:
+                problem = undecodable(error)
         if problem is not None:
             self.bad.add(index, sample.where, problem)
             return None
         ids = tokenize(self.tokenizer, [sample.caption])[0]
+        size = self.buckets.size_of(index) if self.buckets is not None else None
         if self.cache is not None:  # encoded once, with the crop epoch 0 draws, both flips when flipping
-            image = self.transform.crop(rgb, np.random.default_rng((self.seed, 0, index)))
+            image = self.transform.crop(rgb, np.random.default_rng((self.seed, 0, index)), size)
             flips = [False, True] if self.transform.random_flip else [False]
             pixels = torch.stack([self.transform.to_tensor(image, flip) for flip in flips])
-            return Item(index, self.transform.flips(rng), pixel_values=pixels, input_ids=ids)
-        image = self.transform.crop(rgb, rng)
-        return Item(
-            index, False, pixel_values=self.transform.to_tensor(image, self.transform.flips(rng)), input_ids=ids
-        )
-
-    @staticmethod
-    def _problem(sample: Sample) -> str | None:
-        if not (isinstance(sample.caption, str) and sample.caption.strip()):
-            return "empty or missing caption"
-        if not sample.image:
-            return "no image"
-        return None
+            return Item(index, self.transform.flips(rng), dropped, pixel_values=pixels, input_ids=ids)
+        image = self.transform.crop(rgb, rng, size)
+        pixels = self.transform.to_tensor(image, self.transform.flips(rng))
+        return Item(index, False, dropped, pixel_values=pixels, input_ids=self.empty_ids if dropped else ids)
 
 
 def collate(items: list[Item], device: torch.device, cache: LatentCache | None) -> dict[str, torch.Tensor]:
     """The step's batch: pixels and token ids, or with the latent cache latents (encoding those it
-    lacks) and text embeddings or token ids. Cached tensors keep the encoder's precision; the step
-    gets them in fp32, as it gets freshly encoded ones."""
+    lacks) and text embeddings or token ids, the empty prompt's for a dropped caption. Cached tensors
+    keep the encoder's precision; the step gets them in fp32, as it gets freshly encoded ones."""
     if cache is None:
         return {
             "pixel_values": torch.stack([item.pixel_values for item in items]).to(device),
@@ -267,10 +330,13 @@ def collate(items: list[Item], device: torch.device, cache: LatentCache | None) 
         if item.latent_dist is None:
             cache.encode(item, device)
     batch = {"latent_dist": torch.stack([item.latent_dist[int(item.flip)] for item in items]).to(device).float()}
+    empty = cache.empty_caption(device)
     if items[0].text_embeddings is not None:
-        batch["text_embeddings"] = torch.stack([item.text_embeddings for item in items]).to(device).float()
+        embeddings = [empty["text_embeddings"] if item.caption_dropped else item.text_embeddings for item in items]
+        batch["text_embeddings"] = torch.stack(embeddings).to(device).float()
     else:
-        batch["input_ids"] = torch.stack([item.input_ids for item in items]).to(device)
+        ids = [empty["input_ids"] if item.caption_dropped else item.input_ids for item in items]
+        batch["input_ids"] = torch.stack(ids).to(device)
     return batch
 
 

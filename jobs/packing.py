@@ -35,7 +35,7 @@ from jobs import atomic
 from jobs.config import PackConfig
 from jobs.errors import BadInput
 from jobs.progress import Progress
-from jobs.records import Sample, ShardCursors, Source
+from jobs.records import IMAGE_ERRORS, Sample, ShardCursors, Source, undecodable, unusable
 from jobs.shards import INDEX
 from jobs.sources import FolderShard, open_source
 
@@ -106,18 +106,15 @@ def _read(cursors: ShardCursors, starts: np.ndarray, index: int) -> Sample:
 
 def _check(sample: Sample) -> tuple[int, int, str] | str:
     """(width, height, file extension) of a usable record, or why it is left out."""
-    if sample.problem:
-        return sample.problem
-    if not (isinstance(sample.caption, str) and sample.caption.strip()):
-        return "empty or missing caption"
-    if not sample.image:
-        return "no image"
+    problem = unusable(sample)
+    if problem is not None:
+        return problem
     try:
         with Image.open(io.BytesIO(sample.image)) as image:
             image.load()
             return image.width, image.height, FORMATS.get(image.format or "", "png")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return f"image cannot be decoded ({error})"
+    except IMAGE_ERRORS as error:
+        return undecodable(error)
 
 
 def _write_shard(fs, path: str, records: list, format: str, number: int) -> None:

@@ -9,7 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+from PIL import Image
+
 from jobs import atomic
+
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)  # what opening a bad image raises
 
 
 @dataclass(frozen=True)
@@ -22,12 +27,35 @@ class Sample:
     problem: str | None = None
 
 
+def unusable(sample: Sample) -> str | None:
+    """Why a record read cannot be trained on, before its image is decoded; None if it may be."""
+    if sample.problem:
+        return sample.problem
+    if not (isinstance(sample.caption, str) and sample.caption.strip()):
+        return "empty or missing caption"
+    if not sample.image:
+        return "no image"
+    return None
+
+
+def undecodable(error: Exception) -> str:
+    """Why an image did not decode, worded the same in every run (PIL's message names an object's address)."""
+    if isinstance(error, Image.UnidentifiedImageError):
+        return "image cannot be decoded (not a format PIL reads)"
+    return f"image cannot be decoded ({error})"
+
+
 class Shard(Protocol):
     name: str
     size: int
 
     def read(self, start: int, stop: int) -> Iterator[Sample]:
         """Records `start` to `stop - 1` of the shard, in order."""
+        ...
+
+    def stated_sizes(self) -> np.ndarray | None:
+        """(width, height) of every record's image where the shard states them, (0, 0) where it
+        does not; None where the images must be opened to know."""
         ...
 
 

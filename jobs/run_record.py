@@ -16,7 +16,8 @@ from jobs.validation import validation_prompts
 log = logging.getLogger("jobs")
 
 CARD_HYPERPARAMETERS = (
-    *("resolution", "center_crop", "random_flip", "train_batch_size", "gradient_accumulation_steps"),
+    *("resolution", "center_crop", "random_flip", "aspect_buckets", "caption_dropout"),
+    *("train_batch_size", "gradient_accumulation_steps"),
     *("learning_rate", "lr_scheduler", "lr_warmup_steps", "mixed_precision", "use_ema", "rank", "lora_alpha"),
     *("train_text_encoder", "snr_gamma", "noise_offset", "prediction_type", "seed"),
 )

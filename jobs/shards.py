@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -60,6 +61,9 @@ class TarShard:
             return
         for missing in range(max(position, start), stop):  # fewer samples than the index says
             yield Sample(f"{self.name} sample {missing}", None, None, "not in the shard")
+
+    def stated_sizes(self) -> None:
+        return None  # pack writes them in each sample's .json, but reading those means reading the whole tar
 
     def _sample(self, position: int, sample: dict) -> Sample:
         where = f"{self.name} sample {position} ({sample.get('__key__')})"
@@ -161,6 +165,17 @@ class ParquetShard:
                         yield self._sample(first + row, images[row], captions[row])
                 first += rows
 
+    def stated_sizes(self) -> np.ndarray | None:
+        """The width and height columns where the file has them (pack and img2dataset write them):
+        8 bytes a record read, not the images."""
+        with self.fs.open(self.path, "rb") as file:
+            parquet = pq.ParquetFile(file)
+            if not {"width", "height"} <= set(parquet.schema_arrow.names):
+                return None
+            table = parquet.read(columns=["width", "height"])
+        columns = [table.column(name).fill_null(0).to_numpy() for name in ("width", "height")]
+        return np.stack(columns, axis=1).astype(np.int32)
+
     def _sample(self, position: int, image: object, caption: object) -> Sample:
         if isinstance(image, dict):
             image = image.get("bytes")
@@ -217,6 +232,9 @@ class StreamedShard:
                 return
             if position >= start:
                 yield self._sample(position, row)
+
+    def stated_sizes(self) -> None:
+        return None
 
     def _sample(self, position: int, row: dict) -> Sample:
         where = f"{self.name} row {position}"

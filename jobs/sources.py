@@ -99,6 +99,9 @@ class FolderShard:
             except (OSError, ValueError) as error:
                 yield Sample(where, caption, None, f"cannot read {path} ({error})")
 
+    def stated_sizes(self) -> None:
+        return None
+
 
 def _folder(fs, folder: str, url: str, config: DataOptions) -> Source:
     """Every record of metadata.jsonl checked: valid JSON, a caption, a file name inside the folder that
@@ -173,6 +176,10 @@ class FirstRecords:
 
     def read(self, start: int, stop: int) -> Iterator[Sample]:
         return self.shard.read(start, min(stop, self.size))
+
+    def stated_sizes(self) -> np.ndarray | None:
+        sizes = self.shard.stated_sizes()
+        return sizes[: self.size] if sizes is not None else None
 
 
 def _first_records(source: Source, count: int, seed: int) -> Source:

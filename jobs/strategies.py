@@ -196,6 +196,9 @@ image = pipe("{prompt}").images[0]
             "ss_network_alpha": str(self.config.lora_alpha or self.config.rank),
             "ss_base_model_version": "sd_v1",
             "ss_sd_model_name": self.config.pretrained_model_name_or_path,
+            "ss_resolution": f"({self.config.resolution}, {self.config.resolution})",
+            "ss_enable_bucket": str(self.config.aspect_buckets),
+            "ss_caption_dropout_rate": str(self.config.caption_dropout),
         }
 
 

@@ -26,9 +26,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from jobs import atomic, compiling, models, sigterm
+from jobs.buckets import AspectBuckets, aspect_buckets
 from jobs.checkpoints import keep_checkpoints_small, resume, resume_candidates, save_checkpoint
 from jobs.config import FinetuneConfig, LoraConfig, TrainConfig
-from jobs.data import BadSamples, BatchPlan, ImageTransform, Loader, collate, data_seed
+from jobs.data import BadSamples, BatchPlan, ImageTransform, Loader, collate, data_seed, tokenize
 from jobs.errors import PREEMPTED_EXIT_CODE, BadInput
 from jobs.latent_cache import LatentCache, cache_folder
 from jobs.models import check_model_source, cpu_has_native_bf16
@@ -63,6 +64,7 @@ class Run:
     batches_per_epoch: int = 0  # micro-batches of each process
     examples: int = 0
     bad: BadSamples | None = None
+    buckets: AspectBuckets | None = None
     cache: LatentCache | None = None
     compile_cache: compiling.CompileCache | None = None
 
@@ -72,15 +74,18 @@ def train(config: TrainConfig, strategy_cls: type[Strategy]) -> None:
     check_before_loading(config)
     with process_state(config).main_process_first():  # the main process counts what must be counted, once
         source = open_source(config, config.output_dir / "data-index.json")
+        buckets = aspect_buckets(config, source, config.output_dir) if config.aspect_buckets else None
+    bad = bad_samples(config, source, buckets)
     checkpoints = resume_candidates(config)
     run = load_models(config, strategy_cls)
+    run.bad, run.buckets = bad, buckets
     loader = plan_data(run, source)
     trained, optimizer, lr_scheduler = make_optimizer(run)
     start_step, state = resume(run.accelerator, checkpoints)
     state.setdefault("loss_history", [])
     run.compile_cache = compile_unet(run, (run.max_train_steps - start_step) * config.gradient_accumulation_steps)
     if run.accelerator.is_main_process:
-        run.bad.found = {int(index): text for index, text in state.get("bad_samples", {}).items()}
+        run.bad.found |= {int(index): text for index, text in state.get("bad_samples", {}).items()}
     accumulation = config.gradient_accumulation_steps
     micro_batches = loader.batches(start_step * accumulation, run.max_train_steps * accumulation)
     speed = take_steps(run, micro_batches, trained, optimizer, lr_scheduler, start_step, state)
@@ -94,6 +99,22 @@ def check_before_loading(config: TrainConfig) -> None:
     if config.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         raise BadInput("--push_to_hub cannot work with HF_HUB_OFFLINE set")
     check_model_source(config)
+
+
+def bad_samples(config: TrainConfig, source: Source, buckets: AspectBuckets | None) -> BadSamples:
+    """The bad-sample count of this run; with buckets, the main process starts it with the records
+    whose size could not be read, and too many of them stop the run before a model loads."""
+    limit = config.max_bad_samples if config.max_bad_samples is not None else max(10, source.size // 100)
+    bad = BadSamples(limit)
+    if buckets is not None:
+        if not (buckets.of_record >= 0).any():
+            example = next(iter(buckets.problems.values()))
+            raise BadInput(f"no record of {source.description} can be used, e.g. {example}")
+        bad.found = dict(buckets.problems)
+        bad.check(len(bad.found))
+        if not process_state(config).is_main_process:
+            bad.found = {}  # counted once, by the main process
+    return bad
 
 
 def load_models(config: TrainConfig, strategy_cls: type[Strategy]) -> Run:
@@ -137,6 +158,7 @@ def compile_unet(run: Run, passes: int) -> compiling.CompileCache | None:
         key = {"kind": "training", "strategy": run.strategy.name, "device": compiling.device_name(accelerator.device)}
         key |= {"mixed_precision": accelerator.mixed_precision, "model": models.model_identity(config)}
         key |= {"resolution": config.resolution, "batch": config.train_batch_size}
+        key |= {"buckets": run.buckets.sizes if run.buckets is not None else None}
         key |= {"gradient_checkpointing": config.gradient_checkpointing, "trained": sorted(run.strategy.models)}
         cache = compiling.CompileCache.for_key(config.compile_cache_dir or compiling.default_directory(), key)
     compile, why = compiling.decide(config.compile, passes, "training", accelerator.device, bool(cache and cache.warm))
@@ -174,19 +196,25 @@ def plan_data(run: Run, source: Source) -> Loader:
     """Micro-batches numbered across epochs, so step N always starts at micro-batch N * accumulation."""
     config, accelerator, pipe = run.config, run.accelerator, run.pipe
     sizes = [shard.size for shard in source.shards]
-    plan = BatchPlan(sizes, config.train_batch_size, run.seed, accelerator.process_index, accelerator.num_processes)
+    of_record = run.buckets.of_record if run.buckets is not None else None
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    plan = BatchPlan(sizes, config.train_batch_size, run.seed, rank, processes, of_record)
+    if run.buckets is not None and accelerator.is_main_process:
+        listed = ", ".join(f"{b['width']}x{b['height']}: {b['images']}" for b in run.buckets.summary())
+        log.info("aspect buckets", extra={"fields": {"buckets": listed}})
     if config.cache_latents:
         with_text = "text_encoder" not in run.strategy.models
-        folder = cache_folder(config, source, with_text, pipe.vae.dtype)
-        run.cache = LatentCache(folder, plan, pipe.vae, pipe.text_encoder, with_text)
-    run.bad = BadSamples(config.max_bad_samples if config.max_bad_samples is not None else max(10, source.size // 100))
+        folder = cache_folder(config, source, with_text, pipe.vae.dtype, run.buckets)
+        empty_ids = tokenize(pipe.tokenizer, [""])[0]
+        run.cache = LatentCache(folder, plan, pipe.vae, pipe.text_encoder, with_text, empty_ids)
     steps_per_epoch = math.ceil(plan.batches_per_epoch / config.gradient_accumulation_steps)
     run.max_train_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     run.batches_per_epoch = plan.batches_per_epoch
     run.examples = source.size
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
     threads = config.dataloader_num_workers or 1
-    return Loader(source, plan, transform, pipe.tokenizer, run.seed, run.cache, threads, run.bad)
+    tokenizer, dropout = pipe.tokenizer, config.caption_dropout
+    return Loader(source, plan, transform, tokenizer, run.seed, run.cache, threads, run.bad, run.buckets, dropout)
 
 
 def make_optimizer(run: Run):
@@ -292,6 +320,8 @@ def finish(run: Run, state: dict) -> None:
     if run.compile_cache and accelerator.is_main_process:  # validation compiled the blocks for sampling too
         run.compile_cache.save()
     state["bad_samples"] = sorted(all_bad_samples(run).values())
+    if run.buckets is not None:
+        state["aspect_buckets"] = run.buckets.summary()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with atomic.staged_into(config.output_dir, last="model_index.json") as folder:

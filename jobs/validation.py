@@ -1,5 +1,6 @@
 """Validation images: the validation prompts sampled with the weights being trained, as a grid per step.
 
+With --aspect_buckets each prompt is sampled at the most used bucket sizes, a row each.
 Only the main process samples, the others wait at a barrier: sampling on every GPU would only
 repeat the same images, and is where upstream's multi-GPU runs ran out of memory.
 """
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobs")
 
 VALIDATION_INFERENCE_STEPS = 25  # DPM-Solver++ at 25 steps matches the default sampler at 50
+VALIDATION_BUCKETS = 3
 
 
 def validation_prompts(config: TrainConfig) -> list[str]:
@@ -59,32 +61,40 @@ def validate(run: Run, step: int) -> None:
         )
         sampler.set_progress_bar_config(disable=True)
         generator = torch.Generator(accelerator.device).manual_seed(run.seed)
-        images = []
+        sizes = run.buckets.most_used(VALIDATION_BUCKETS) if run.buckets else [(config.resolution, config.resolution)]
+        by_size = {}
         with run.strategy.sampling_weights(), accelerator.autocast(), torch.no_grad():
-            for prompt in prompts:
-                images += sampler(
-                    prompt,
-                    height=config.resolution,
-                    width=config.resolution,
-                    num_images_per_prompt=config.num_validation_images,
-                    num_inference_steps=VALIDATION_INFERENCE_STEPS,
-                    generator=generator,
-                ).images
+            for width, height in sizes:
+                by_size[(width, height)] = [
+                    image
+                    for prompt in prompts
+                    for image in sampler(
+                        prompt,
+                        height=height,
+                        width=width,
+                        num_images_per_prompt=config.num_validation_images,
+                        num_inference_steps=VALIDATION_INFERENCE_STEPS,
+                        generator=generator,
+                    ).images
+                ]
         path = config.output_dir / "samples" / f"step-{step:06d}.png"
         png = io.BytesIO()
+        images = [image for size_images in by_size.values() for image in size_images]
         grid(images, columns=config.num_validation_images).save(png, format="PNG")
         atomic.write_bytes(path, png.getvalue())
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.writer.add_images(
-                    "validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC"
-                )
+                for (width, height), size_images in by_size.items():
+                    tag = "validation" if len(by_size) == 1 else f"validation {width}x{height}"
+                    pixels = np.stack([np.asarray(image) for image in size_images])
+                    tracker.writer.add_images(tag, pixels, step, dataformats="NHWC")
         log.info("validation images", extra={"fields": {"path": str(path), "step": step}})
     accelerator.wait_for_everyone()
 
 
 def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
+    """The images in rows of `columns`, each in a cell as large as the largest."""
+    width, height = max(image.width for image in images), max(image.height for image in images)
     rows = math.ceil(len(images) / columns)
     sheet = Image.new("RGB", (columns * width, rows * height))
     for i, image in enumerate(images):
