@@ -81,3 +81,16 @@ def test_lora_streams_shards_from_s3_and_resumes_exactly_after_kill_9(tiny_model
     assert history == expected_history and [step for step, _ in history] == [1, 2, 3, 4, 5, 6]
     assert weights.keys() == expected_weights.keys()
     assert all((weights[name] == expected_weights[name]).all() for name in weights)
+
+
+def test_aspect_buckets_read_every_size_from_tar_shards_in_s3(object_store, shards_in_s3, monkeypatch, tmp_path):
+    from jobs.buckets import aspect_buckets
+    from jobs.config import LoraConfig
+    from jobs.sources import open_source
+
+    for name, value in object_store.items():
+        monkeypatch.setenv(name, value)
+    config = LoraConfig(train_data_dir=SHARDS, resolution=32, bucket_reso_steps=8, aspect_buckets=True)
+    buckets = aspect_buckets(config, open_source(config, None), tmp_path)
+    assert buckets.summary() == [{"width": 32, "height": 32, "images": 5}]  # 48x40 is nearest to square
+    assert not buckets.problems and len(list(tmp_path.glob("image-sizes-*.npz"))) == 1
