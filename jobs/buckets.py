@@ -6,9 +6,9 @@ an image goes to the bucket nearest its aspect ratio, is resized to cover it and
 left over (jobs/data.py's ImageTransform), and every batch comes from one bucket (BatchPlan).
 
 Assigning buckets needs each image's size, so the main process reads every record once before
-training (image headers, the shards in parallel; only the width and height columns of parquet
-shards that have them, as `pack` writes) and keeps the sizes in OUTPUT_DIR: a resumed run plans
-exactly the same batches without reading anything. A record whose size cannot be read is a
+training (image headers, the shards in parallel processes; only the width and height columns of
+parquet shards that have them, as `pack` writes) and keeps the sizes in OUTPUT_DIR: a resumed run
+plans exactly the same batches without reading anything. A record whose size cannot be read is a
 bad sample from the start and has no place in any batch.
 """
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,9 @@ from jobs.records import IMAGE_ERRORS, Shard, Source, digest, undecodable, unusa
 
 log = logging.getLogger("jobs")
 
-SIZE_READING_THREADS = 16  # shards read at once: object storage serves many streams well
+STATED_SIZE_THREADS = 16
+# Reading a record's size is Python's tar parsing and PIL's header parsing: CPU-bound, so processes.
+SIZE_READING_PROCESSES = 16
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,19 @@ def read_image_sizes(source: Source, path: Path) -> tuple[np.ndarray, dict[int, 
         pass
     log.info("reading every image's size once, for --aspect_buckets", extra={"fields": {"records": source.size}})
     progress = Progress(source.size, "image")
-    with ThreadPoolExecutor(SIZE_READING_THREADS, thread_name_prefix="sizes") as pool:
-        parts = []
-        for part in pool.map(_shard_sizes, source.shards):
-            parts.append(part)
-            progress.update(len(part[0]))
+    with ThreadPoolExecutor(STATED_SIZE_THREADS) as threads:  # a few bytes a record, waiting on storage
+        parts = list(threads.map(_stated_sizes, source.shards))
+    progress.update(sum(len(part[0]) for part in parts if part is not None))
+    unread = [number for number, part in enumerate(parts) if part is None]
+    if unread:
+        workers = min(SIZE_READING_PROCESSES, len(os.sched_getaffinity(0)), len(unread))
+        # Forked, as torch's DataLoader workers are: nothing to import again, and they touch no GPU.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            shards = [source.shards[number] for number in unread]
+            read = pool.map(_read_sizes, shards, chunksize=max(1, len(shards) // (workers * 8)))
+            for number, part in zip(unread, read, strict=True):
+                parts[number] = part
+                progress.update(len(part[0]))
     progress.close()
     sizes = np.concatenate([shard_sizes for shard_sizes, _ in parts])
     problems, first = {}, 0
@@ -119,11 +131,15 @@ def read_image_sizes(source: Source, path: Path) -> tuple[np.ndarray, dict[int, 
     return sizes, problems
 
 
-def _shard_sizes(shard: Shard) -> tuple[np.ndarray, dict[int, str]]:
+def _stated_sizes(shard: Shard) -> tuple[np.ndarray, dict[int, str]] | None:
     stated = shard.stated_sizes()
-    if stated is not None:
-        unstated = np.flatnonzero((stated <= 0).any(axis=1))
-        return stated, {int(place): f"{shard.name} row {place}: no width and height" for place in unstated}
+    if stated is None:
+        return None
+    unstated = np.flatnonzero((stated <= 0).any(axis=1))
+    return stated, {int(place): f"{shard.name} row {place}: no width and height" for place in unstated}
+
+
+def _read_sizes(shard: Shard) -> tuple[np.ndarray, dict[int, str]]:
     sizes = np.zeros((shard.size, 2), dtype=np.int32)
     problems = {}
     for place, sample in enumerate(shard.read(0, shard.size)):

@@ -114,6 +114,9 @@ def bad_samples(config: TrainConfig, source: Source, buckets: AspectBuckets | No
         bad.check(len(bad.found))
         if not process_state(config).is_main_process:
             bad.found = {}  # counted once, by the main process
+        elif bad.found:
+            example = next(iter(bad.found.values()))
+            log.warning("records left out", extra={"fields": {"records": len(bad.found), "e.g.": example}})
     return bad
 
 

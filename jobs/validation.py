@@ -61,10 +61,9 @@ def validate(run: Run, step: int) -> None:
         )
         sampler.set_progress_bar_config(disable=True)
         generator = torch.Generator(accelerator.device).manual_seed(run.seed)
-        sizes = run.buckets.most_used(VALIDATION_BUCKETS) if run.buckets else [(config.resolution, config.resolution)]
         by_size = {}
         with run.strategy.sampling_weights(), accelerator.autocast(), torch.no_grad():
-            for width, height in sizes:
+            for width, height in validation_sizes(run):
                 by_size[(width, height)] = [
                     image
                     for prompt in prompts
@@ -90,6 +89,12 @@ def validate(run: Run, step: int) -> None:
                     tracker.writer.add_images(tag, pixels, step, dataformats="NHWC")
         log.info("validation images", extra={"fields": {"path": str(path), "step": step}})
     accelerator.wait_for_everyone()
+
+
+def validation_sizes(run: Run) -> list[tuple[int, int]]:
+    if run.buckets is None:
+        return [(run.config.resolution, run.config.resolution)]
+    return run.buckets.most_used(VALIDATION_BUCKETS)
 
 
 def grid(images: list[Image.Image], columns: int) -> Image.Image:

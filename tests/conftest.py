@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,19 @@ from tiny_model import build  # noqa: E402
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PAI-shaped pipeline folder with random weights; treat it as read-only."""
     return build(tmp_path_factory.mktemp("model") / "pai-tiny")
+
+
+@pytest.fixture
+def unloadable_model(tmp_path_factory, tiny_model):
+    """Passes the up-front model check (model_index.json, and the configs that give its size) but has
+    no weights: a job that gets to loading it fails with another error, so exit 2 with our message
+    proves the input was checked first."""
+    folder = tmp_path_factory.mktemp("model") / "broken"
+    for component in ("unet", "vae"):
+        (folder / component).mkdir(parents=True)
+        shutil.copy(tiny_model / component / "config.json", folder / component)
+    (folder / "model_index.json").write_text("{}")
+    return folder
 
 
 @pytest.fixture(autouse=True)

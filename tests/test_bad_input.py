@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import pytest
 from conftest import manifest_records, run_process
-
-
-@pytest.fixture
-def unloadable_model(tmp_path_factory, tiny_model):
-    """Passes the up-front model check (model_index.json, and the configs that give its size) but has
-    no weights: a job that gets to loading it fails with another error, so exit 2 with our message
-    proves the input was checked first."""
-    folder = tmp_path_factory.mktemp("model") / "broken"
-    for component in ("unet", "vae"):
-        (folder / component).mkdir(parents=True)
-        shutil.copy(tiny_model / component / "config.json", folder / component)
-    (folder / "model_index.json").write_text("{}")
-    return folder
 
 
 def error_line(capsys) -> str:

@@ -137,6 +137,16 @@ def test_parquet_shards_state_the_sizes_so_no_image_is_opened(tmp_path):
     assert not buckets.problems
 
 
+def test_a_source_of_which_no_size_can_be_read_exits_2_before_the_model_loads(unloadable_model, tmp_path, cli, capfd):
+    data = write_dataset(tmp_path / "data", count=2)
+    for image in (data / "train").glob("*.png"):
+        image.write_bytes(b"not a png")
+    flags = training_flags(data, tmp_path / "out", aspect_buckets=True, bucket_reso_steps=8)
+    assert cli("lora", *flags, MODEL_NAME=unloadable_model) == 2  # which loading would fail otherwise
+    error = capfd.readouterr().err
+    assert "can be used, e.g. metadata.jsonl line 1: image cannot be decoded (not a format PIL reads)" in error
+
+
 def lora_command(model: Path, data: Path, output: Path) -> list[str]:
     flags = training_flags(
         data, output, pretrained_model_name_or_path=model, aspect_buckets=True, bucket_reso_steps=8,
