@@ -45,6 +45,7 @@ def seaweedfs(folder: Path, bucket: str) -> Iterator[dict[str, str]]:
     (folder / "s3.json").write_text(json.dumps({"identities": [identity]}))
     master, volume, filer, s3 = (free_port() for _ in range(4))
     command = [WEED, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64"]
+    command += ["-volume.max=0"]  # as many 64 MB volumes as the disk holds (the default, 8, is 512 MB)
     command += [f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}"]
     command += ["-s3", f"-s3.port={s3}", f"-s3.config={folder / 's3.json'}"]
     env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{s3}"
