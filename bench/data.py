@@ -84,7 +84,9 @@ def make_dataset(folder: Path, count: int) -> Path:
 
 def pack(folder: Path, url: str, env: dict[str, str]) -> None:
     command = [sys.executable, "-m", "jobs.pack", "--train_data_dir", str(folder), "--output_dir", url]
-    subprocess.run(command, cwd=REPO, env={**os.environ, **env}, check=True, capture_output=True)
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"pack to {url} failed:\n{done.stderr[-3000:]}")
 
 
 def baseline_tree(work: Path, revision: str) -> Path:

@@ -26,6 +26,7 @@ SPREAD = re.compile(r"\s(\d+\.\d\d) (\d+\.\d\d)$")
         # Its S3 source (SeaweedFS) alone; HEAD stands in for the baseline commit, which a clone may lack.
         ("bench/bookkeeping.py", "--items 200 --images 20 --rounds 1 --baseline HEAD".split(), 2),
         ("bench/data.py", "--sizes 12 --steps 3 --batch 2 --resolution 32 --baseline HEAD --sources s3".split(), 3),
+        ("bench/buckets.py", "--images 12 --records 5000 --rounds 1".split(), 7),
     ],
 )
 def test_benchmark_prints_a_ratio_for_every_contender(script, args, rows):
