@@ -48,6 +48,7 @@ def seaweedfs(folder: Path, bucket: str) -> Iterator[dict[str, str]]:
     command += ["-volume.max=0"]  # as many 64 MB volumes as the disk holds (the default, 8, is 512 MB)
     command += [f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}"]
     command += ["-s3", f"-s3.port={s3}", f"-s3.config={folder / 's3.json'}"]
+    command += ["-s3.port.iceberg=0", "-s3.port.lance=0"]  # fixed ports by default: two servers would clash
     env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{s3}"
     with (folder / "weed.log").open("w") as log:
         server = subprocess.Popen([str(part) for part in command], stdout=log, stderr=subprocess.STDOUT)
