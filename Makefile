@@ -25,8 +25,9 @@ $(CHECKOV_VENV)/.installed: requirements/checkov.txt
 
 install: $(VENV)/.installed $(CHECKOV_VENV)/.installed
 
+# Two workers, each module's tests on one of them (its module-scoped fixtures run once).
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -n 2 --dist loadscope
 
 lint: install
 	$(BIN)/ruff check jobs tests bench
