@@ -215,3 +215,27 @@ def test_kill_9_then_rerun_ends_as_the_uninterrupted_bucketed_run(tiny_model, bu
     assert state["bad_samples"] == reference_state["bad_samples"]
     assert weights.keys() == reference_weights.keys()
     assert all(torch.equal(weights[name], reference_weights[name]) for name in weights)
+
+
+def test_two_processes_train_on_buckets_each_taking_as_many_batches(tiny_model, bucketed_run, tmp_path):
+    """The main process reads the sizes once; the other plans from the file it kept. Both take the
+    same number of one-bucket batches, so neither waits on the other at an epoch's end."""
+    data, _ = bucketed_run
+    output = tmp_path / "out"
+    launch = [Path(sys.executable).parent / "accelerate", "launch", "--multi_gpu", "--num_processes", 2]
+    launch += ["--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jobs.lora"]
+    flags = training_flags(
+        data, output, aspect_buckets=True, bucket_reso_steps=8, cache_latents=True, caption_dropout=0.3,
+        train_batch_size=2, max_train_steps=4, checkpointing_steps=100, seed=0, lr_warmup_steps=0,
+        report_to="none", no_save_merged=True,
+    )  # fmt: skip
+    result = run_process([str(a) for a in launch + flags], env={"MODEL_NAME": tiny_model}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("reading every image's size once") == 1
+    assert result.stderr.count('"message": "aspect buckets"') == 1
+    state = json.loads((output / "trainer_state.json").read_text())
+    assert [step for step, _ in state["loss_history"]] == [1, 2, 3, 4]  # 6 batches an epoch: 3 each, into epoch 1
+    assert len(state["bad_samples"]) == 1  # counted once, not once a process
+    (folder,) = (output / "latent-cache").iterdir()
+    shapes = {t.shape for path in folder.glob("seg-*.safetensors") for k, t in load_file(path).items() if "latent" in k}
+    assert shapes <= {(1, 8, 20, 12), (1, 8, 16, 16), (1, 8, 12, 20)} and len(shapes) >= 2  # no flips
