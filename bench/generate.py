@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, Contender, mean, print_spread, round_ratios, run_rounds
+from harness import REPO, Contender, machine, mean, print_spread, round_ratios, run_rounds
 
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times")
     parser.add_argument("--peak_tflops", type=float, default=790, help="the GPU's dense fp16/bf16 peak (H100/H200)")
     args = parser.parse_args()
+    print(machine(args.device))
 
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as folder:
         compare(Path(folder), args)

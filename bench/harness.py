@@ -19,6 +19,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def machine(device: str) -> str:
+    """The line a figure needs to be read against: which GPU, or which CPU and whether it has bf16."""
+    import torch
+
+    if device == "cuda":
+        return f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return f"CPU: {names[0] if names else 'unknown'}, {os.cpu_count()} cores, bf16: {bf16}, torch {torch.__version__}"
+
+
 @dataclass
 class Contender:
     command: list[str]
@@ -45,6 +57,8 @@ def run_rounds(contenders: dict[str, Contender], rounds: int, work: Path, env: d
             output.mkdir(parents=True)
             run_env = {**env, **contenders[name].env, "OUTPUT_DIR": str(output)}
             runs[name].append(timed(contenders[name].command, run_env))
+            # As it goes, so that a run cut short by a time limit still says what it measured.
+            print(f"  {name}: {runs[name][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     return runs
 
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import REPO, Contender, mean, print_spread, round_ratios, run_rounds
+from harness import REPO, Contender, machine, mean, print_spread, round_ratios, run_rounds
 from PIL import Image
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run every contender this many times")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="add COMPILE=true runs")
     args = parser.parse_args()
+    print(machine(args.device))
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
         compare(Path(folder), args)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from harness import REPO, timed
+from harness import REPO, machine, timed
 
 # One way of decoding, timed after a warm-up pass of the same shape; its peak memory on the last line.
 DECODE = """
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    print(machine(args.device))
 
     shape = [args.size, args.device, str(args.batch), str(args.resolution), str(args.repeats)]
     environment = {"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
