@@ -113,6 +113,7 @@ bench: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/generate.py --rounds $(ROUNDS)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/train.py --rounds $(ROUNDS)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/vae_decode.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/step_parts.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/data.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bookkeeping.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/compile.py --rounds 1
@@ -122,4 +123,4 @@ bench-gpu: install
 	$(BIN)/python bench/generate.py --size sd1 --device cuda --prompts 256
 	$(BIN)/python bench/train.py --size sd1 --device cuda --resolution 512 --batch 8 --steps 40 --images 64
 	$(BIN)/python bench/vae_decode.py --size sd1 --device cuda --batch 32 --resolution 512
-	$(BIN)/python bench/compile.py --size sd1 --device cuda --dtype fp16 --prompts 256 32 --rounds 1
+	$(BIN)/python bench/compile.py --size sd1 --device cuda --dtype fp16 --prompts 256 32 --resolution 512 --batch 8 --rounds 1

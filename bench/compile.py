@@ -8,20 +8,19 @@ step), the whole process, the steady rate, and ratios to the baseline, in altern
 
     python bench/compile.py                     # medium model, fp32 (a CPU without bf16 instructions)
     python bench/compile.py --dtype bf16 --rounds 1
-    python bench/compile.py --size sd1 --device cuda --dtype fp16 --prompts 256 32   # make bench-gpu
+    python bench/compile.py --jobs lora --size sd1 --resolution 512 --batch 1 --steps 16 --rounds 1
+    python bench/compile.py --size sd1 --device cuda --dtype fp16 --prompts 256 32 --resolution 512 --batch 8
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from generate import SEED_SNIPPET
-from harness import REPO, Contender, mean, print_spread, round_ratios, run_rounds
+from harness import REPO, Contender, machine, mean, print_spread, round_ratios, run_rounds, timed
 from train import OUR_JOB as OUR_TRAINING_JOB
 from train import make_dataset
 
@@ -29,8 +28,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from tiny_model import build  # noqa: E402
 
-# The generate job in-process: when each batch was saved, on the last line. A cold run gets a compile
-# cache of its own.
+# The generate job in-process: when each batch was saved and how many images it held, on the last
+# line. A cold run gets a compile cache of its own.
 OUR_GENERATE_JOB = """
 import json, os, resource, sys, time
 out = os.environ["OUTPUT_DIR"]
@@ -39,9 +38,9 @@ if os.environ.pop("COLD", None):
 import jobs.inference
 from jobs.cli import main
 saved, save = [], jobs.inference.save_batch
-def timed_save(*args, **kwargs):
-    save(*args, **kwargs)
-    saved.append(time.time())
+def timed_save(images, *args, **kwargs):
+    save(images, *args, **kwargs)
+    saved.append((time.time(), len(images)))
 jobs.inference.save_batch = timed_save
 code = main(["generate"])
 print(json.dumps({"saved": saved, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -60,8 +59,8 @@ if os.environ.pop("COLD", None):
 
 def fill(command: list[str], env: dict[str, str], work: Path) -> None:
     """One untimed run that fills the warm contenders' compile cache."""
-    run_env = {**os.environ, **env, "OUTPUT_DIR": str(work)}
-    subprocess.run(command, cwd=REPO, env=run_env, check=True, capture_output=True)
+    seconds = timed(command, {**env, "OUTPUT_DIR": str(work)})["seconds"]
+    print(f"  filling the warm cache: {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def generation(work: Path, model: Path, args: argparse.Namespace) -> None:
@@ -92,9 +91,11 @@ def generation(work: Path, model: Path, args: argparse.Namespace) -> None:
         print("; ratio: whole process")
         print(f"{'contender':<32}{'first image s':>14}{'process s':>11}{'steady images/s':>17}{'ratio':>8}")
         for name, own in runs.items():
-            first = mean([run["saved"][0] - run["launched_at"] for run in own]) if "saved" in own[0] else float("nan")
-            steady = [
-                (len(r["saved"]) - 2) / (r["saved"][-1] - r["saved"][1]) for r in own if len(r.get("saved", [])) > 3
+            first = mean([r["saved"][0][0] - r["launched_at"] for r in own]) if "saved" in own[0] else float("nan")
+            steady = [  # the images saved after the second batch, over the time they took
+                sum(count for _, count in r["saved"][2:]) / (r["saved"][-1][0] - r["saved"][1][0])
+                for r in own
+                if len(r.get("saved", [])) > 3
             ]
             rate = f"{mean(steady):>17.3f}" if steady else f"{'':>17}"
             print(
@@ -104,9 +105,9 @@ def generation(work: Path, model: Path, args: argparse.Namespace) -> None:
 
 
 def training(work: Path, model: Path, args: argparse.Namespace) -> None:
-    data = make_dataset(work / "data", 16, 512)
-    flags = [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", "--resolution=256"]
-    flags += ["--train_batch_size=4", f"--max_train_steps={args.steps}", "--center_crop", "--random_flip"]
+    data = make_dataset(work / "data", args.images, 2 * args.resolution)
+    flags = [f"--pretrained_model_name_or_path={model}", f"--train_data_dir={data}", f"--resolution={args.resolution}"]
+    flags += [f"--train_batch_size={args.batch}", f"--max_train_steps={args.steps}", "--center_crop", "--random_flip"]
     flags += ["--lr_warmup_steps=0", "--report_to=none", f"--checkpointing_steps={args.steps * 10}", "--no_save_merged"]
     flags += [
         f"--device={args.device}",
@@ -125,8 +126,8 @@ def training(work: Path, model: Path, args: argparse.Namespace) -> None:
         f"--steps={args.steps}",
     ]
     upstream += [
-        "--batch=4",
-        "--resolution=256",
+        f"--batch={args.batch}",
+        f"--resolution={args.resolution}",
         f"--device={args.device}",
         f"--mixed_precision={'no' if args.dtype == 'fp32' else args.dtype}",
     ]
@@ -141,10 +142,11 @@ def training(work: Path, model: Path, args: argparse.Namespace) -> None:
     first = max(2, args.steps // 4 + 1)
 
     def steady(run: dict) -> float:
-        return (args.steps - first) * 4 / (run["step_starts"][-1] - run["step_starts"][first - 1])
+        return (args.steps - first) * args.batch / (run["step_starts"][-1] - run["step_starts"][first - 1])
 
     ratios = round_ratios(runs, "upstream step", steady)
-    print(f"\nlora, {args.steps} steps x batch 4 at 256 px, {args.size} model, {args.dtype}; ratio: steady samples/s")
+    shape = f"{args.steps} steps x batch {args.batch} at {args.resolution} px, {args.size} model, {args.dtype}"
+    print(f"\nlora, {shape}; ratio: steady samples/s")
     print(f"{'contender':<28}{'first step s':>13}{'process s':>11}{'steady samples/s':>18}{'ratio':>8}")
     for name, own in runs.items():
         start = mean([run["step_starts"][1] - run["launched_at"] for run in own])
@@ -161,14 +163,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--prompts", type=int, nargs="+", default=[32, 4])
+    parser.add_argument("--jobs", nargs="+", choices=["generate", "lora"], default=["generate", "lora"])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    print(machine(args.device))
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as folder:
         work = Path(folder)
         model = build(work / "model", args.size)
-        generation(work, model, args)
-        training(work, model, args)
+        if "generate" in args.jobs:
+            generation(work, model, args)
+        if "lora" in args.jobs:
+            training(work, model, args)
 
 
 if __name__ == "__main__":
