@@ -3,8 +3,8 @@
 Every step it decodes the images from disk, encodes them through the VAE and the captions through
 the text encoder, then trains: no caching, the default AdamW. It trains peft LoRA adapters on the
 UNet's attention projections (`--mode lora`) or the whole UNet (`--mode full`). With
-`--mixed_precision bf16` it does what the examples do: frozen modules in bf16, trained weights in
-fp32, the UNet's forward pass under autocast.
+`--mixed_precision bf16` (or `fp16`) it does what the examples do: frozen modules in half precision,
+trained weights in fp32, the UNet's forward pass under autocast, and for fp16 a gradient scaler.
 
     python bench/upstream_train.py MODEL DATA_DIR --mode lora --steps 40 --batch 4 --resolution 64
 """
@@ -50,13 +50,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
     args = parser.parse_args()
     torch.manual_seed(0)
     random.seed(0)
     device = torch.device(args.device)
-    bf16 = args.mixed_precision == "bf16"
-    weight_dtype = torch.bfloat16 if bf16 else torch.float32
+    half = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    weight_dtype = half or torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder")
@@ -93,13 +94,15 @@ def main() -> None:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), device=device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         hidden_states = text_encoder(ids)[0]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
             prediction = unet(noisy, timesteps, hidden_states).sample
         loss = F.mse_loss(prediction.float(), noise.float())
-        loss.backward()
+        scaler.scale(loss).backward()
         train_loss += loss.item()  # as upstream logs it; on a GPU, this waits for the step
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad()
     if device.type == "cuda":
         torch.cuda.synchronize()
