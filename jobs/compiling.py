@@ -41,7 +41,8 @@ log = logging.getLogger("jobs")
 BREAK_EVEN = {
     ("cpu", "inference"): (900, 100),
     ("cpu", "training"): (300, 50),
-    # Not measured here (no GPU was lent): a GPU's step saves less time against a compile of minutes.
+    # Guesses: on an H200 a cold compile took 65-80 s, but what a pass saves there is not yet measured
+    # (docs/benchmarks.md, *GPU*).
     ("cuda", "inference"): (6000, 1000),
     ("cuda", "training"): (3000, 500),
 }
@@ -123,15 +124,16 @@ class CompileCache:
         return sum(file.stat().st_size for file in Path(self.folder.name).rglob("*") if file.is_file())
 
 
-def decide(setting: str, passes: int, kind: str, device: torch.device, warm: bool) -> tuple[bool, str]:
-    """Whether to compile, and why (the job logs both)."""
+def decide(setting: str, passes: int, kind: str, device: torch.device, warm: bool, sizes: int = 1) -> tuple[bool, str]:
+    """Whether to compile, and why (the job logs both). Each of `sizes` (aspect buckets) is compiled
+    on its own, so each must pay for itself."""
     if setting != "auto":
         return setting == "true", f"COMPILE={setting}"
     if device.type not in ("cpu", "cuda"):
         return False, f"COMPILE=auto: torch.compile is not used on {device.type}"
     cold, hot = BREAK_EVEN[(device.type, kind)]
-    needed = hot if warm else cold
-    state = "a warm cache" if warm else "an empty cache"
+    needed = (hot if warm else cold) * sizes
+    state = ("a warm cache" if warm else "an empty cache") + (f", {sizes} sizes" if sizes > 1 else "")
     if passes >= needed:
         return True, f"COMPILE=auto: {passes} UNet passes ahead, compiling pays from {needed} with {state}"
     return False, f"COMPILE=auto: {passes} UNet passes ahead, compiling pays only from {needed} with {state}"

@@ -164,14 +164,22 @@ def compile_unet(run: Run, passes: int) -> compiling.CompileCache | None:
         key |= {"buckets": run.buckets.sizes if run.buckets is not None else None}
         key |= {"gradient_checkpointing": config.gradient_checkpointing, "trained": sorted(run.strategy.models)}
         cache = compiling.CompileCache.for_key(config.compile_cache_dir or compiling.default_directory(), key)
-    compile, why = compiling.decide(config.compile, passes, "training", accelerator.device, bool(cache and cache.warm))
+    sizes = sum(1 for images in run.buckets.counts() if images) if run.buckets is not None else 1
+    warm = bool(cache and cache.warm)
+    compile, why = compiling.decide(config.compile, passes, "training", accelerator.device, warm, sizes)
     if accelerator.is_main_process:
-        fields = {"why": why, "cache": str(cache and cache.path), "warm": bool(cache and cache.warm)}
+        fields = {"why": why, "cache": str(cache and cache.path), "warm": warm}
         log.info("compile" if compile else "no compile", extra={"fields": fields})
     if not compile:
         return None
     cache.use()
-    run.pipe.unet.compile_repeated_blocks(fullgraph=True)
+    # A static graph for each input the blocks see: a UNet level's (the mid block's too), with or
+    # without gradients, at each size. By default the second shape would get one shape-generic graph
+    # instead, whose step takes 11-14% longer on a CPU (docs/benchmarks.md, *Compiling*); the limit of
+    # graphs per block must hold them all.
+    inputs = 2 * (len(run.pipe.unet.config.block_out_channels) + 1) * sizes
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, inputs)
+    run.pipe.unet.compile_repeated_blocks(fullgraph=True, dynamic=False)
     return cache
 
 

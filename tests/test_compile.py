@@ -16,6 +16,7 @@ import torch
 from conftest import run_process, training_flags
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_dataset import write_dataset
 
 
 @pytest.fixture
@@ -29,11 +30,12 @@ def compiled_graphs():
     torch._dynamo.reset()
 
 
-def lora_run(cli, model: Path, data: Path, output: Path, **env: object) -> None:
+def lora_run(cli, model: Path, data: Path, output: Path, *flags: str, **env: object) -> None:
     args = training_flags(
         data, output, train_batch_size=2, max_train_steps=2, checkpointing_steps=1, learning_rate="1e-3", seed=0,
         lr_warmup_steps=0, gradient_checkpointing=True, no_save_merged=True,
     )  # fmt: skip
+    args += flags
     assert cli("lora", *args, MODEL_NAME=model, **env) == 0
 
 
@@ -41,13 +43,14 @@ def losses(output: Path) -> list[float]:
     return [loss for _, loss in json.loads((output / "trainer_state.json").read_text())["loss_history"]]
 
 
-def test_compiled_lora_trains_like_eager_and_checkpoints_the_same_keys(
-    tiny_model, dataset, tmp_path, cli, compiled_graphs
-):
-    lora_run(cli, tiny_model, dataset, tmp_path / "eager")
+def test_compiled_lora_trains_like_eager_and_checkpoints_the_same_keys(tiny_model, tmp_path, cli, compiled_graphs):
+    """On two aspect buckets, one batch each: a static graph for every input the transformer blocks see."""
+    data = write_dataset(tmp_path / "data", count=4, sizes=((40, 24), (32, 32)))
+    buckets = ("--aspect_buckets", "--bucket_reso_steps", "8")
+    lora_run(cli, tiny_model, data, tmp_path / "eager", *buckets)
     assert compiled_graphs() == 0
-    lora_run(cli, tiny_model, dataset, tmp_path / "compiled", COMPILE="true")
-    assert compiled_graphs() > 0
+    lora_run(cli, tiny_model, data, tmp_path / "compiled", *buckets, COMPILE="true")
+    assert compiled_graphs() == 2 * 3  # at both sizes, the first level's with and without gradients, the mid block's
 
     eager_losses, compiled_losses = (losses(tmp_path / run) for run in ("eager", "compiled"))
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
@@ -110,21 +113,23 @@ def test_a_damaged_cache_file_is_ignored_with_a_warning(tmp_path, caplog, monkey
 
 
 @pytest.mark.parametrize(
-    ("setting", "passes", "device", "warm", "compiles"),
+    ("setting", "passes", "kind", "device", "warm", "sizes", "compiles"),
     [
-        ("auto", 100, "cpu", False, False),  # a few images: the compile would cost more than it saves
-        ("auto", 5000, "cpu", False, True),  # a night's shard
-        ("auto", 500, "cpu", False, False),
-        ("auto", 500, "cpu", True, True),  # the same with the shapes in the cache already
-        ("true", 1, "cpu", False, True),
-        ("false", 10**6, "cuda", True, False),
-        ("auto", 10**6, "mps", False, False),
+        ("auto", 100, "inference", "cpu", False, 1, False),  # a few images: the compile would cost more than it saves
+        ("auto", 5000, "inference", "cpu", False, 1, True),  # a night's shard
+        ("auto", 500, "inference", "cpu", False, 1, False),
+        ("auto", 500, "inference", "cpu", True, 1, True),  # the same with the shapes in the cache already
+        ("auto", 200, "training", "cpu", True, 1, True),
+        ("auto", 200, "training", "cpu", True, 6, False),  # but six aspect buckets, each compiled on its own
+        ("true", 1, "inference", "cpu", False, 1, True),
+        ("false", 10**6, "inference", "cuda", True, 1, False),
+        ("auto", 10**6, "inference", "mps", False, 1, False),
     ],
 )
-def test_compile_auto_compiles_when_the_work_ahead_pays(setting, passes, device, warm, compiles):
+def test_compile_auto_compiles_when_the_work_ahead_pays(setting, passes, kind, device, warm, sizes, compiles):
     from jobs.compiling import decide
 
-    decided, why = decide(setting, passes, "inference", torch.device(device), warm)
+    decided, why = decide(setting, passes, kind, torch.device(device), warm, sizes)
     assert decided == compiles and why.startswith(f"COMPILE={setting}")
 
 
