@@ -106,7 +106,7 @@ k8s-validate: install
 # Each prints ratios against a baseline run in the same invocation; figures go to docs/benchmarks.md.
 # A CPU run takes ROUNDS rounds of every contender, as a shared machine's speed drifts (about 25 min
 # a round); `make bench ROUNDS=1` for a quick look. bench/data.py adds about 50 minutes, bench/bookkeeping.py 3,
-# bench/compile.py (one round) 50.
+# bench/compiled_pass.py 15 (SD 1.x's sizes), bench/compile.py (one round) 50.
 ROUNDS ?= 3
 .PHONY: bench bench-gpu
 bench: install
@@ -114,12 +114,16 @@ bench: install
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/train.py --rounds $(ROUNDS)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/vae_decode.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/step_parts.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/compiled_pass.py
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/compiled_pass.py --size sd1 --resolution 512 --batch 1 --repeats 4
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/data.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/bookkeeping.py
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python bench/compile.py --rounds 1
 
 # On a CUDA machine: the full SD 1.x architecture (860M-parameter UNet, random weights) at 512x512.
+# compiled_pass.py first: in a few minutes it gives what COMPILE=auto's GPU break-even needs.
 bench-gpu: install
+	$(BIN)/python bench/compiled_pass.py --size sd1 --device cuda --dtype fp16 --resolution 512 --batch 4
 	$(BIN)/python bench/generate.py --size sd1 --device cuda --prompts 256
 	$(BIN)/python bench/train.py --size sd1 --device cuda --resolution 512 --batch 8 --steps 40 --images 64
 	$(BIN)/python bench/vae_decode.py --size sd1 --device cuda --batch 32 --resolution 512

@@ -24,6 +24,12 @@ SPREAD = re.compile(r"\s(\d+\.\d\d) (\d+\.\d\d)$")
         ("bench/train.py", "--size tiny --resolution 32 --steps 3 --batch 2 --images 4 --no-compile".split(), 8),
         ("bench/vae_decode.py", "--size tiny --batch 2 --resolution 32 --repeats 1".split(), 2),
         ("bench/step_parts.py", "--size tiny --batch 2 --resolution 32 --repeats 1".split(), 2),
+        # One compile, the smallest (seconds here).
+        (
+            "bench/compiled_pass.py",
+            "--size tiny --batch 2 --resolution 32 --kinds inference --compiled blocks".split(),
+            2,
+        ),
         # Its S3 source (SeaweedFS) alone; HEAD stands in for the baseline commit, which a clone may lack.
         ("bench/bookkeeping.py", "--items 200 --images 20 --rounds 1 --baseline HEAD".split(), 2),
         ("bench/data.py", "--sizes 12 --steps 3 --batch 2 --resolution 32 --baseline HEAD --sources s3".split(), 3),
