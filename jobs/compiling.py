@@ -13,7 +13,8 @@ the run writes it again.
 
 COMPILE=auto (the default) compiles when the work ahead is enough for it to pay: the UNet passes of
 this shard's images, or of this run's training steps, against the break-even measured in
-docs/benchmarks.md, lower when the cache is warm. `true` and `false` force it.
+docs/benchmarks.md, lower when the cache is warm; on a CPU only UNets narrower than SD's, the only
+ones compiling made faster there. `true` and `false` force it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ BREAK_EVEN = {
     ("cuda", "inference"): (6000, 1000),
     ("cuda", "training"): (3000, 500),
 }
+# On a CPU compiling pays only for narrow UNets: it fuses the element-wise work between convolutions
+# and attention, whose share falls as the channels widen. The medium test model's passes (256 channels
+# at most) were 1.06-1.19x as fast compiled, SD 1.x's (1280, every PAI model's) 0.80-1.01x, in fp32
+# and bf16, inference and training (docs/benchmarks.md, *Compiling*).
+CPU_WIDEST_THAT_GAINS = 256
 
 
 def default_directory() -> Path:
@@ -124,13 +130,17 @@ class CompileCache:
         return sum(file.stat().st_size for file in Path(self.folder.name).rglob("*") if file.is_file())
 
 
-def decide(setting: str, passes: int, kind: str, device: torch.device, warm: bool, sizes: int = 1) -> tuple[bool, str]:
-    """Whether to compile, and why (the job logs both). Each of `sizes` (aspect buckets) is compiled
-    on its own, so each must pay for itself."""
+def decide(
+    setting: str, passes: int, kind: str, device: torch.device, warm: bool, widest: int, sizes: int = 1
+) -> tuple[bool, str]:
+    """Whether to compile, and why (the job logs both). `widest` is the UNet's widest block, in
+    channels. Each of `sizes` (aspect buckets) is compiled on its own, so each must pay for itself."""
     if setting != "auto":
         return setting == "true", f"COMPILE={setting}"
     if device.type not in ("cpu", "cuda"):
         return False, f"COMPILE=auto: torch.compile is not used on {device.type}"
+    if device.type == "cpu" and widest > CPU_WIDEST_THAT_GAINS:
+        return False, f"COMPILE=auto: on a CPU compiling does not pay for a UNet {widest} channels wide"
     cold, hot = BREAK_EVEN[(device.type, kind)]
     needed = (hot if warm else cold) * sizes
     state = ("a warm cache" if warm else "an empty cache") + (f", {sizes} sizes" if sizes > 1 else "")

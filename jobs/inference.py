@@ -117,15 +117,16 @@ def compile_cache(
     config: InferenceConfig, device: torch.device, dtype: torch.dtype, batch_size: int, todo: list[WorkItem]
 ) -> compiling.CompileCache | None:
     """Whether to compile (COMPILE), said in the log with why; if so, the compile cache it loads from."""
-    cache = None
+    cache, warm, widest = None, False, 0
     if config.compile != "false":
         sizes = sorted({(item.width, item.height) for item in todo})
         key = {"kind": "inference", "device": compiling.device_name(device), "dtype": str(dtype), "batch": batch_size}
         key |= {"model": models.model_identity(config), "sizes": sizes}
         cache = compiling.CompileCache.for_key(config.compile_cache_dir or compiling.default_directory(), key)
+        warm, widest = cache.warm, models.unet_width(config)
     passes = sum(item.steps for item in todo) // batch_size
-    compile, why = compiling.decide(config.compile, passes, "inference", device, cache is not None and cache.warm)
-    fields = {"why": why, "cache": str(cache and cache.path), "warm": bool(cache and cache.warm)}
+    compile, why = compiling.decide(config.compile, passes, "inference", device, warm, widest)
+    fields = {"why": why, "cache": str(cache and cache.path), "warm": warm}
     log.info("compile" if compile else "no compile", extra={"fields": fields})
     if not compile:
         return None

@@ -151,6 +151,11 @@ def default_resolution(config: JobConfig) -> int:
     return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def unet_width(config: JobConfig) -> int:
+    """The UNet's widest block in channels, known before it loads (jobs/compiling.py decides by it)."""
+    return max(_component_config(config, "unet")["block_out_channels"])
+
+
 def model_identity(config: JobConfig) -> dict:
     """The model as compiled code depends on it: its name and revision, and its UNet's architecture."""
     unet = json.dumps(_component_config(config, "unet"), sort_keys=True)

@@ -166,7 +166,8 @@ def compile_unet(run: Run, passes: int) -> compiling.CompileCache | None:
         cache = compiling.CompileCache.for_key(config.compile_cache_dir or compiling.default_directory(), key)
     sizes = sum(1 for images in run.buckets.counts() if images) if run.buckets is not None else 1
     warm = bool(cache and cache.warm)
-    compile, why = compiling.decide(config.compile, passes, "training", accelerator.device, warm, sizes)
+    widest = max(run.pipe.unet.config.block_out_channels)
+    compile, why = compiling.decide(config.compile, passes, "training", accelerator.device, warm, widest, sizes)
     if accelerator.is_main_process:
         fields = {"why": why, "cache": str(cache and cache.path), "warm": warm}
         log.info("compile" if compile else "no compile", extra={"fields": fields})

@@ -113,23 +113,26 @@ def test_a_damaged_cache_file_is_ignored_with_a_warning(tmp_path, caplog, monkey
 
 
 @pytest.mark.parametrize(
-    ("setting", "passes", "kind", "device", "warm", "sizes", "compiles"),
+    ("setting", "passes", "kind", "device", "warm", "widest", "sizes", "compiles"),
     [
-        ("auto", 100, "inference", "cpu", False, 1, False),  # a few images: the compile would cost more than it saves
-        ("auto", 5000, "inference", "cpu", False, 1, True),  # a night's shard
-        ("auto", 500, "inference", "cpu", False, 1, False),
-        ("auto", 500, "inference", "cpu", True, 1, True),  # the same with the shapes in the cache already
-        ("auto", 200, "training", "cpu", True, 1, True),
-        ("auto", 200, "training", "cpu", True, 6, False),  # but six aspect buckets, each compiled on its own
-        ("true", 1, "inference", "cpu", False, 1, True),
-        ("false", 10**6, "inference", "cuda", True, 1, False),
-        ("auto", 10**6, "inference", "mps", False, 1, False),
+        ("auto", 100, "inference", "cpu", False, 256, 1, False),  # a few images: the compile costs more than it saves
+        ("auto", 5000, "inference", "cpu", False, 256, 1, True),  # a night's shard
+        ("auto", 500, "inference", "cpu", False, 256, 1, False),
+        ("auto", 500, "inference", "cpu", True, 256, 1, True),  # the same with the shapes in the cache already
+        ("auto", 200, "training", "cpu", True, 256, 1, True),
+        ("auto", 200, "training", "cpu", True, 256, 6, False),  # but six aspect buckets, each compiled on its own
+        ("auto", 10**6, "inference", "cpu", True, 1280, 1, False),  # SD 1.x's UNet, which compiling does not speed up
+        ("auto", 10**6, "training", "cpu", True, 1280, 1, False),
+        ("auto", 10**6, "inference", "cuda", True, 1280, 1, True),  # but on a GPU it does
+        ("true", 1, "inference", "cpu", False, 1280, 1, True),
+        ("false", 10**6, "inference", "cuda", True, 1280, 1, False),
+        ("auto", 10**6, "inference", "mps", False, 256, 1, False),
     ],
 )
-def test_compile_auto_compiles_when_the_work_ahead_pays(setting, passes, kind, device, warm, sizes, compiles):
+def test_compile_auto_compiles_when_the_work_ahead_pays(setting, passes, kind, device, warm, widest, sizes, compiles):
     from jobs.compiling import decide
 
-    decided, why = decide(setting, passes, kind, torch.device(device), warm, sizes)
+    decided, why = decide(setting, passes, kind, torch.device(device), warm, widest, sizes)
     assert decided == compiles and why.startswith(f"COMPILE={setting}")
 
 
