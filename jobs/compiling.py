@@ -13,8 +13,8 @@ the run writes it again.
 
 COMPILE=auto (the default) compiles when the work ahead is enough for it to pay: the UNet passes of
 this shard's images, or of this run's training steps, against the break-even measured in
-docs/benchmarks.md, lower when the cache is warm; on a CPU only UNets narrower than SD's, the only
-ones compiling made faster there. `true` and `false` force it.
+docs/benchmarks.md, lower when the cache is warm; on a CPU only UNets far narrower than SD's, the
+only ones compiling made faster there. `true` and `false` force it.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ BREAK_EVEN = {
     ("cuda", "training"): (3000, 500),
 }
 # On a CPU compiling pays only for narrow UNets: it fuses the element-wise work between convolutions
-# and attention, whose share falls as the channels widen. The medium test model's passes (256 channels
-# at most) were 1.06-1.19x as fast compiled, SD 1.x's (1280, every PAI model's) 0.80-1.01x, in fp32
-# and bf16, inference and training (docs/benchmarks.md, *Compiling*).
+# and attention, whose share falls as the channels widen. Compiled as the jobs compile them, the medium
+# test model's passes (256 channels at most) were 1.03-1.19x as fast, SD 1.x's (1280, every PAI model's)
+# 0.95-1.02x, inference and training (docs/benchmarks.md, *What compiling gains one UNet pass*).
 CPU_WIDEST_THAT_GAINS = 256
 
 
